@@ -1,0 +1,384 @@
+"""Hugging Face LLaMA checkpoints <-> derta_jax models; the only module that knows HF names.
+
+Reads `config.json` plus `*.safetensors` (one file, or shards listed in
+`model.safetensors.index.json`) without torch. Each device's shard of each parameter is
+read straight from the memory-mapped file, so no host holds a full copy per device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors
+import safetensors.numpy
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from derta_jax import sharding as sharding_lib
+from derta_jax.models import llama
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Non-parameter buffers that some older LLaMA checkpoints carry; transformers drops them too.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+_FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be loaded as this model; the message names file and tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+  """One parameter of ours and the HF tensor(s) it is made of.
+
+  `layout`: "same"; "transpose" (2-D); "in_heads" (HF [X*H, D] <-> ours [D, X, H]);
+  "out_heads" (HF [D, N*H] <-> ours [N, H, D]). Stacked parameters have "{i}" in `hf`.
+  """
+
+  path: tuple[str, ...]
+  hf: str
+  layout: str
+
+  @property
+  def stacked(self) -> bool:
+    return "{i}" in self.hf
+
+
+def _tensor_map(config: llama.LlamaConfig) -> list[_Tensor]:
+  pre = "model.layers.{i}."
+  tensors = [
+      _Tensor(("embed",), "model.embed_tokens.weight", "same"),
+      _Tensor(("layers", "attn_norm", "scale"), pre + "input_layernorm.weight", "same"),
+      _Tensor(("layers", "attn", "q"), pre + "self_attn.q_proj.weight", "in_heads"),
+      _Tensor(("layers", "attn", "k"), pre + "self_attn.k_proj.weight", "in_heads"),
+      _Tensor(("layers", "attn", "v"), pre + "self_attn.v_proj.weight", "in_heads"),
+      _Tensor(("layers", "attn", "o"), pre + "self_attn.o_proj.weight", "out_heads"),
+      _Tensor(("layers", "mlp_norm", "scale"), pre + "post_attention_layernorm.weight", "same"),
+      _Tensor(("layers", "mlp", "gate"), pre + "mlp.gate_proj.weight", "transpose"),
+      _Tensor(("layers", "mlp", "up"), pre + "mlp.up_proj.weight", "transpose"),
+      _Tensor(("layers", "mlp", "down"), pre + "mlp.down_proj.weight", "transpose"),
+      _Tensor(("final_norm", "scale"), "model.norm.weight", "same"),
+  ]
+  if not config.tie_embeddings:
+    tensors.append(_Tensor(("lm_head",), "lm_head.weight", "transpose"))
+  return tensors
+
+
+def _hf_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  if layout == "same":
+    return shape
+  if layout == "transpose":
+    return shape[::-1]
+  if layout == "in_heads":
+    d, x, h = shape
+    return (x * h, d)
+  d_n_h = shape  # out_heads: ours [N, H, D]
+  return (d_n_h[2], d_n_h[0] * d_n_h[1])
+
+
+def _to_hf(layout: str, ours: np.ndarray) -> np.ndarray:
+  if layout == "same":
+    return ours
+  if layout == "transpose":
+    return ours.T
+  if layout == "in_heads":
+    d, x, h = ours.shape
+    return ours.reshape(d, x * h).T
+  n, h, d = ours.shape
+  return ours.reshape(n * h, d).T
+
+
+def _read_ours(read, layout: str, shape: tuple[int, ...], index: tuple[slice, ...]):
+  """Our block `index` of a per-layer tensor of ours with `shape`, read via `read(slices)`."""
+  if layout == "same":
+    return read(index)
+  if layout == "transpose":
+    return read(index[::-1]).T
+  if layout == "in_heads":
+    (d, x, _), h = index, shape[2]
+    rows = slice(x.start * h, x.stop * h)
+    return read((rows, d)).T.reshape(d.stop - d.start, x.stop - x.start, h)[:, :, index[2]]
+  x, hh, d = index
+  h = shape[1]
+  cols = slice(x.start * h, x.stop * h)
+  return read((d, cols)).T.reshape(x.stop - x.start, h, d.stop - d.start)[:, hh]
+
+
+class _SafetensorsDir:
+  """Which file holds each tensor; lazy, sliced reads through safetensors' numpy API."""
+
+  def __init__(self, directory: Path, stack: contextlib.ExitStack):
+    index_path = directory / INDEX_FILE
+    if index_path.exists():
+      index = _read_json(index_path)
+      weight_map = index.get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: field 'weight_map' is missing or not an object")
+      files = sorted(set(weight_map.values()))
+    else:
+      files = sorted(p.name for p in directory.glob("*.safetensors"))
+      weight_map = None
+    if not files:
+      found = sorted(p.name for p in directory.iterdir())
+      raise CheckpointError(f"{directory}: no *.safetensors weights (found {found}); "
+                            "derta_jax never unpickles .bin/.pt files: convert them to "
+                            "safetensors first")
+    self.handles, self.file_of = {}, {}
+    for name in files:
+      path = directory / name
+      if not path.exists():
+        raise CheckpointError(f"{index_path}: lists {name}, which does not exist in {directory}")
+      try:
+        handle = stack.enter_context(safetensors.safe_open(path, framework="numpy"))
+      except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+      self.handles[name] = handle
+      for key in handle.keys():
+        if weight_map is None or weight_map.get(key) == name:
+          self.file_of[key] = name
+    if weight_map is not None:
+      absent = sorted(k for k, f in weight_map.items() if self.file_of.get(k) != f)
+      if absent:
+        raise CheckpointError(f"{index_path}: tensor {absent[0]} is listed in "
+                              f"{weight_map[absent[0]]} but not stored there")
+
+  def where(self, name: str) -> str:
+    return self.file_of[name]
+
+  def slice(self, name: str):
+    return self.handles[self.file_of[name]].get_slice(name)
+
+
+def _read_json(path: Path) -> dict:
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: "
+                          f"{e.msg}") from None
+  if not isinstance(data, dict):
+    raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+  return data
+
+
+def read_config(path: str | os.PathLike, **overrides) -> llama.LlamaConfig:
+  """The LlamaConfig of the HF checkpoint directory `path` (with field overrides)."""
+  directory = Path(path)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"HF checkpoint directory not found: {directory}")
+  config_path = directory / "config.json"
+  if not config_path.exists():
+    raise FileNotFoundError(f"{config_path} not found: an HF checkpoint directory needs "
+                            "config.json")
+  try:
+    return llama.from_hf_config(_read_json(config_path), **overrides)
+  except llama.HFConfigError as e:
+    raise CheckpointError(f"{config_path}: {e}") from None
+
+
+def _check_tensors(directory: Path, files: _SafetensorsDir, config: llama.LlamaConfig,
+                   tensors: list[_Tensor], shapes: dict[tuple[str, ...], tuple[int, ...]]):
+  expected = {}
+  for t in tensors:
+    per_layer = shapes[t.path][1:] if t.stacked else shapes[t.path]
+    for i in range(config.n_layers if t.stacked else 1):
+      expected[t.hf.format(i=i)] = _hf_shape(t.layout, per_layer)
+  found = {k for k in files.file_of if not k.endswith(IGNORED_SUFFIXES)}
+  if config.tie_embeddings and "lm_head.weight" in found:
+    found.discard("lm_head.weight")
+    embed, head = files.slice("model.embed_tokens.weight"), files.slice("lm_head.weight")
+    if not np.array_equal(embed[:], head[:]):
+      raise CheckpointError(f"{directory}: config.json has tie_word_embeddings=true but "
+                            "lm_head.weight differs from model.embed_tokens.weight; set "
+                            "tie_word_embeddings=false to load both")
+  missing = sorted(set(expected) - found)
+  if missing:
+    raise CheckpointError(f"{directory}: missing {len(missing)} tensor(s) for this config "
+                          f"({config.n_layers} layers, tie_word_embeddings="
+                          f"{config.tie_embeddings}): {missing[:5]}")
+  unexpected = sorted(found - set(expected))
+  if unexpected:
+    raise CheckpointError(f"{directory}: {len(unexpected)} unexpected tensor(s) not in a "
+                          f"LlamaForCausalLM with this config.json: {unexpected[:5]}")
+  for name, want in expected.items():
+    info = files.slice(name)
+    got, dtype = tuple(info.get_shape()), info.get_dtype()
+    if got != want:
+      raise CheckpointError(f"{directory / files.where(name)}: tensor {name} has shape {got}, "
+                            f"expected {want} from config.json")
+    if dtype not in _FLOAT_DTYPES:
+      raise CheckpointError(f"{directory / files.where(name)}: tensor {name} has dtype "
+                            f"{dtype}; expected one of {sorted(_FLOAT_DTYPES)}")
+
+
+def _normalize(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+  return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+
+
+def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = None,
+            compute_dtype=None, rules=sharding_lib.DEFAULT_RULES,
+            **config_overrides) -> llama.Llama:
+  """Load an HF LLaMA checkpoint directory into a `Llama`.
+
+  Args:
+    dtype: parameter (storage) dtype; also the compute dtype unless `compute_dtype` is set.
+    mesh: place each parameter on this mesh by its logical axes and `rules`; None puts
+      everything on the default device.
+    config_overrides: LlamaConfig fields such as `scan_layers` or `remat`.
+  """
+  directory = Path(path)
+  param_dtype = jnp.dtype(dtype).name
+  if param_dtype not in llama.DTYPES:
+    raise ValueError(f"load_hf: dtype={param_dtype!r} is not a floating type; choose one of "
+                     f"{sorted(llama.DTYPES)}")
+  config = read_config(directory, param_dtype=param_dtype,
+                       dtype=jnp.dtype(compute_dtype or dtype).name, **config_overrides)
+  graphdef, state = nnx.split(llama.abstract_model(config))
+  variables = dict(nnx.to_flat_state(state))
+  tensors = _tensor_map(config)
+  target = np.dtype(config.weight_dtype)
+
+  with contextlib.ExitStack() as stack:
+    files = _SafetensorsDir(directory, stack)
+    _check_tensors(directory, files, config, tensors,
+                   {t.path: variables[t.path].shape for t in tensors})
+    for t in tensors:
+      var = variables[t.path]
+      shape = tuple(var.shape)
+      if mesh is None:
+        sharding = SingleDeviceSharding(jax.local_devices()[0])
+      else:
+        sharding = sharding_lib.param_sharding("/".join(t.path), shape,
+                                               var.get_metadata()["out_sharding"], mesh, rules)
+      cache: dict[tuple, np.ndarray] = {}
+
+      def block(index, t=t, shape=shape, cache=cache):
+        index = _normalize(index, shape)
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in cache:
+          if t.stacked:
+            layers = [_read_ours(files.slice(t.hf.format(i=i)).__getitem__, t.layout,
+                                 shape[1:], index[1:])
+                      for i in range(index[0].start, index[0].stop)]
+            cache[key] = np.stack(layers).astype(target)
+          else:
+            cache[key] = np.asarray(
+                _read_ours(files.slice(t.hf).__getitem__, t.layout, shape, index)).astype(target)
+        return cache[key]
+
+      var.set_value(jax.make_array_from_callback(shape, sharding, block))
+  return nnx.merge(graphdef, nnx.from_flat_state(variables))
+
+
+def _host_value(x: jax.Array) -> np.ndarray:
+  if jax.process_count() > 1 and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _hf_tensors(model: llama.Llama, dtype) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, array) one layer at a time, so the host holds one layer's tensor at once."""
+  variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  for t in _tensor_map(model.config):
+    value = variables[t.path][...]
+    if t.stacked:
+      for i in range(model.config.n_layers):
+        yield t.hf.format(i=i), _to_hf(t.layout, _host_value(value[i]).astype(dtype))
+    else:
+      yield t.hf, _to_hf(t.layout, _host_value(value).astype(dtype))
+
+
+def save_hf(model: llama.Llama, path: str | os.PathLike, *, dtype=None,
+            max_shard_bytes: int = 5 * 2**30) -> None:
+  """Write `config.json`, `generation_config.json` and safetensors shards (plus index).
+
+  `transformers.AutoModelForCausalLM.from_pretrained(path)` loads the result. `dtype`
+  defaults to the parameter dtype. The directory appears complete or not at all; other
+  files already in it (tokenizer, README) are kept, old weights replaced.
+  """
+  directory = Path(path)
+  if directory.exists() and not directory.is_dir():
+    raise NotADirectoryError(f"save_hf: {directory} exists and is not a directory")
+  dtype_name = jnp.dtype(dtype or model.config.weight_dtype).name
+  if dtype_name not in llama.DTYPES:
+    raise ValueError(f"save_hf: dtype={dtype_name!r}; choose one of {sorted(llama.DTYPES)}")
+  np_dtype = np.dtype(jnp.dtype(dtype_name))
+  writer = jax.process_index() == 0
+  tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+  if writer:
+    tmp.mkdir(parents=True)
+  try:
+    shard_names: list[list[str]] = []
+    current: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush():
+      if writer:
+        safetensors.numpy.save_file(current, tmp / f"shard-{len(shard_names)}",
+                                    metadata={"format": "pt"})
+      shard_names.append(list(current))
+
+    for name, value in _hf_tensors(model, np_dtype):
+      if current and size + value.nbytes > max_shard_bytes:
+        flush()
+        current, size = {}, 0
+      current[name] = np.ascontiguousarray(value)
+      size += value.nbytes
+      total += value.nbytes
+    flush()
+    if writer:
+      _finish(tmp, directory, model.config, dtype_name, shard_names, total)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"save_hf:{directory}")
+
+
+def _finish(tmp: Path, directory: Path, config: llama.LlamaConfig, dtype_name: str,
+            shard_names: list[list[str]], total_bytes: int) -> None:
+  """Name the shards, write index and configs, then move the directory into place."""
+  n = len(shard_names)
+  weight_map = {}
+  for k, names in enumerate(shard_names):
+    file = SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+    os.replace(tmp / f"shard-{k}", tmp / file)
+    weight_map.update(dict.fromkeys(names, file))
+  if n > 1:
+    _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total_bytes},
+                                   "weight_map": weight_map})
+  _write_json(tmp / "config.json", llama.to_hf_config(config, dtype=dtype_name))
+  eos = list(config.eos_ids)
+  _write_json(tmp / "generation_config.json", {
+      "bos_token_id": config.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
+      "pad_token_id": config.pad_id})
+  if not directory.exists():
+    os.replace(tmp, directory)
+    return
+  ours = {"config.json", "generation_config.json", INDEX_FILE}
+  for old in directory.iterdir():
+    if old.name not in ours and old.suffix != ".safetensors" and not (tmp / old.name).exists():
+      (shutil.copytree if old.is_dir() else shutil.copy2)(old, tmp / old.name)
+  trash = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+  os.replace(directory, trash)
+  os.replace(tmp, directory)
+  shutil.rmtree(trash)
+
+
+def _write_json(path: Path, data: dict) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=2, sort_keys=True)
+    f.write("\n")

@@ -1,0 +1,67 @@
+"""What `run.py` calls: one function per `config.mode`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from derta_jax import sharding
+from derta_jax.checkpoints import hf
+from derta_jax.models import llama
+
+MODES = ("export",)
+
+
+def model_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
+  m = config.model
+  return llama.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype,
+                      scan_layers=m.scan_layers, remat=m.remat)
+
+
+def build_model(config: ml_collections.ConfigDict, mesh=None) -> llama.Llama:
+  """From `init.hf_path` when set, else a random init of `model.preset` with `seed`."""
+  m = config.model
+  if config.init.hf_path:
+    return hf.load_hf(config.init.hf_path, dtype=jnp.dtype(m.param_dtype), mesh=mesh,
+                      compute_dtype=jnp.dtype(m.dtype), scan_layers=m.scan_layers,
+                      remat=m.remat)
+  return llama.init_model(model_config(config), seed=config.seed)
+
+
+def export(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+  """Write the model as an HF checkpoint in `<workdir>/hf`, reload it and compare logits."""
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  start = time.perf_counter()
+  model = build_model(config, mesh)
+  out = workdir / "hf"
+  hf.save_hf(model, out, dtype=config.export.dtype or None,
+             max_shard_bytes=int(config.export.max_shard_mb * 2**20))
+  reloaded = hf.load_hf(out, dtype=model.config.weight_dtype, mesh=mesh)
+  probe = jax.random.randint(jax.random.key(config.seed), (2, 16), 0, model.config.vocab_size)
+  delta = float(jnp.max(jnp.abs(model(probe) - reloaded(probe))))
+  summary = {
+      "mode": "export", "hf_dir": str(out), "params": model.config.num_params(),
+      "files": sorted(p.name for p in out.iterdir()), "reload_max_abs_logit_diff": delta,
+      "seconds": round(time.perf_counter() - start, 2),
+  }
+  if config.export.dtype in ("", model.config.param_dtype) and delta != 0.0:
+    raise RuntimeError(f"export check failed: reloaded logits differ by {delta}")
+  return summary
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  if config.mode not in MODES:
+    raise ValueError(f"config.mode={config.mode!r}; choose one of {MODES}")
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  logging.info("mode=%s workdir=%s devices=%s", config.mode, workdir, jax.devices())
+  summary = {"export": export}[config.mode](config, workdir)
+  print(json.dumps(summary, default=lambda x: np.asarray(x).tolist()))
+  return summary

@@ -1,0 +1,427 @@
+"""LLaMA-family decoder in Flax NNX, numerically matching Hugging Face transformers.
+
+Shape legend: B batch, T query tokens, S key tokens, D model, N query heads, K kv heads,
+G query heads per kv head (N = K * G), H head dim, F MLP hidden, V vocab, L layers.
+
+Layers are always stored stacked (a leading "layers" axis on every block parameter), so
+a checkpoint is the same whether the forward pass scans over layers or unrolls them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """LLaMA-3.1 `rope_type="llama3"` frequency scaling."""
+
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture plus numerics; `dtype` computes, `param_dtype` stores."""
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  d_ff: int
+  head_dim: int | None = None  # None: d_model // n_heads
+  rms_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  max_position_embeddings: int = 4096
+  tie_embeddings: bool = False
+  bos_id: int | None = None
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int | None = None
+  init_std: float = 0.02
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat: str = "none"
+
+  def __post_init__(self):
+    if self.head_dim is None:
+      object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+    if isinstance(self.rope_scaling, Mapping):
+      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+    object.__setattr__(self, "eos_ids", tuple(self.eos_ids))
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                "head_dim"):
+      if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+        raise ValueError(f"LlamaConfig.{key} must be a positive int, got {getattr(self, key)!r}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"LlamaConfig.n_heads ({self.n_heads}) must be a multiple of "
+                       f"n_kv_heads ({self.n_kv_heads})")
+    if self.head_dim % 2:
+      raise ValueError(f"LlamaConfig.head_dim ({self.head_dim}) must be even for RoPE")
+    for key in ("dtype", "param_dtype"):
+      if getattr(self, key) not in DTYPES:
+        raise ValueError(f"LlamaConfig.{key}={getattr(self, key)!r}; choose one of {sorted(DTYPES)}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"LlamaConfig.remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  def replace(self, **overrides: Any) -> LlamaConfig:
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+    if unknown:
+      raise ValueError(f"unknown LlamaConfig field(s) {sorted(unknown)}")
+    return dataclasses.replace(self, **overrides)
+
+  def num_params(self) -> int:
+    """Parameter count (tied embeddings counted once)."""
+    d, h = self.d_model, self.head_dim
+    attn = d * h * (2 * self.n_heads + 2 * self.n_kv_heads)
+    block = attn + 3 * d * self.d_ff + 2 * d
+    head = 0 if self.tie_embeddings else d * self.vocab_size
+    return self.vocab_size * d + self.n_layers * block + d + head
+
+
+_LLAMA31_SCALING = RopeScaling(8.0, 1.0, 4.0, 8192)
+_LLAMA32_SCALING = RopeScaling(32.0, 1.0, 4.0, 8192)
+_LLAMA2 = dict(vocab_size=32000, rope_theta=10000.0, bos_id=1, eos_ids=(2,))
+_LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, bos_id=128000, eos_ids=(128001,))
+
+PRESETS: dict[str, LlamaConfig] = {
+    "tiny": LlamaConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        d_ff=128, max_position_embeddings=512, bos_id=1, eos_ids=(2,)),
+    "llama2_7b": LlamaConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008,
+                             max_position_embeddings=4096, **_LLAMA2),
+    "llama3_8b": LlamaConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+                             max_position_embeddings=8192, **_LLAMA3),
+    "llama3_1_8b": LlamaConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+                               max_position_embeddings=131072, rope_scaling=_LLAMA31_SCALING,
+                               **_LLAMA3),
+    "llama3_70b": LlamaConfig(d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672,
+                              max_position_embeddings=8192, **_LLAMA3),
+    "llama3_1_70b": LlamaConfig(d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                                d_ff=28672, max_position_embeddings=131072,
+                                rope_scaling=_LLAMA31_SCALING, **_LLAMA3),
+    "llama3_2_1b": LlamaConfig(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
+                               head_dim=64, max_position_embeddings=131072,
+                               rope_scaling=_LLAMA32_SCALING, tie_embeddings=True, **_LLAMA3),
+    "llama3_2_3b": LlamaConfig(d_model=3072, n_layers=28, n_heads=24, n_kv_heads=8, d_ff=8192,
+                               head_dim=128, max_position_embeddings=131072,
+                               rope_scaling=_LLAMA32_SCALING, tie_embeddings=True, **_LLAMA3),
+}
+
+
+def preset(name: str, **overrides: Any) -> LlamaConfig:
+  """A named architecture with field overrides (e.g. `dtype="bfloat16"`)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+  return PRESETS[name].replace(**overrides)
+
+
+class HFConfigError(ValueError):
+  """A Hugging Face `config.json` this model cannot represent; names the key and value."""
+
+
+def _hf_rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+  # transformers 5 writes `rope_parameters`; checkpoints saved by 4.x carry top-level
+  # `rope_theta` and `rope_scaling` (whose type key was once `type`).
+  params = dict(hf.get("rope_parameters") or {})
+  scaling = dict(hf.get("rope_scaling") or {})
+  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  merged = {**scaling, **params}
+  rope_type = merged.get("rope_type", merged.get("type", "default"))
+  if rope_type == "default":
+    return float(theta), None
+  if rope_type != "llama3":
+    raise HFConfigError(f"unsupported rope_type {rope_type!r}; derta_jax supports 'default' "
+                        "and 'llama3'")
+  try:
+    return float(theta), RopeScaling(
+        factor=float(merged["factor"]), low_freq_factor=float(merged["low_freq_factor"]),
+        high_freq_factor=float(merged["high_freq_factor"]),
+        original_max_position_embeddings=int(merged["original_max_position_embeddings"]))
+  except KeyError as e:
+    raise HFConfigError(f"rope_type 'llama3' needs key {e.args[0]!r} in rope_scaling / "
+                        "rope_parameters") from None
+
+
+def from_hf_config(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
+  """LlamaConfig from a transformers `config.json` dict (4.x or 5.x dialect)."""
+  if hf.get("model_type", "llama") != "llama":
+    raise HFConfigError(f"unsupported model_type {hf.get('model_type')!r}; expected 'llama'")
+  archs = hf.get("architectures") or ["LlamaForCausalLM"]
+  if "LlamaForCausalLM" not in archs:
+    raise HFConfigError(f"unsupported architectures {archs}; expected 'LlamaForCausalLM'")
+  for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+    if hf.get(key, want) != want:
+      raise HFConfigError(f"unsupported {key}={hf[key]!r}; LLaMA uses {want!r}")
+  missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                         "num_attention_heads", "intermediate_size") if k not in hf]
+  if missing:
+    raise HFConfigError(f"missing key(s) {missing}")
+  theta, scaling = _hf_rope(hf)
+  eos = hf.get("eos_token_id")
+  fields = dict(
+      vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+      n_heads=hf["num_attention_heads"],
+      n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+      d_ff=hf["intermediate_size"], head_dim=hf.get("head_dim"),
+      rms_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+      max_position_embeddings=hf.get("max_position_embeddings", 2048),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      bos_id=hf.get("bos_token_id"),
+      eos_ids=() if eos is None else tuple(eos) if isinstance(eos, list) else (eos,),
+      pad_id=hf.get("pad_token_id"), init_std=float(hf.get("initializer_range", 0.02)))
+  try:
+    return LlamaConfig(**{**fields, **overrides})
+  except (TypeError, ValueError) as e:
+    raise HFConfigError(str(e)) from None
+
+
+def to_hf_config(config: LlamaConfig, *, dtype: str | None = None) -> dict[str, Any]:
+  """A `config.json` dict that transformers 4.x, 5.x and vLLM all read the same way."""
+  rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+  scaling = None
+  if config.rope_scaling is not None:
+    scaling = {"rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
+    rope = {**scaling, "rope_theta": config.rope_theta}
+  eos = list(config.eos_ids)
+  dtype = dtype or config.param_dtype
+  return {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+      "vocab_size": config.vocab_size, "hidden_size": config.d_model,
+      "intermediate_size": config.d_ff, "num_hidden_layers": config.n_layers,
+      "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
+      "head_dim": config.head_dim, "hidden_act": "silu",
+      "max_position_embeddings": config.max_position_embeddings,
+      "rms_norm_eps": config.rms_eps, "initializer_range": config.init_std,
+      "rope_theta": config.rope_theta, "rope_scaling": scaling, "rope_parameters": rope,
+      "tie_word_embeddings": config.tie_embeddings, "attention_bias": False,
+      "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1, "use_cache": True,
+      "bos_token_id": config.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
+      "pad_token_id": config.pad_id, "dtype": dtype, "torch_dtype": dtype,
+  }
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies [H/2] in fp32, as transformers computes them (llama3 scaling incl.)."""
+  h = config.head_dim
+  exponent = np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / np.float32(h)
+  inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+  s = config.rope_scaling
+  if s is None:
+    return inv_freq
+  low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+  smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+      s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _rotate_half(x_BxTxNxH):
+  x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def _apply_rope(x_BxTxNxH, cos_BxTxH, sin_BxTxH):
+  return x_BxTxNxH * cos_BxTxH[:, :, None] + _rotate_half(x_BxTxNxH) * sin_BxTxH[:, :, None]
+
+
+def positions_from_segments(segment_ids_BxT):
+  """Positions restarting at 0 wherever the segment id changes (packed rows)."""
+  t = segment_ids_BxT.shape[1]
+  index_BxT = jnp.broadcast_to(jnp.arange(t), segment_ids_BxT.shape)
+  starts_BxT = jnp.concatenate(
+      [jnp.ones_like(segment_ids_BxT[:, :1], bool),
+       segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+  start_index_BxT = jax.lax.cummax(jnp.where(starts_BxT, index_BxT, 0), axis=1)
+  return index_BxT - start_index_BxT
+
+
+def _param(rngs, shape, axes, config, init=None):
+  if init is None:
+    init = nnx.initializers.normal(config.init_std)
+  value = init(rngs.params(), shape, config.weight_dtype)
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.eps = config.rms_eps
+    self.scale = _param(rngs, (config.d_model,), ("norm",), config, nnx.initializers.ones)
+
+  def __call__(self, x_BxTxD):
+    # Normalise in fp32 and cast back before the scale, as transformers does.
+    x32 = x_BxTxD.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x_BxTxD.dtype) * x32.astype(x_BxTxD.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention; `mask_BxTxS` combines causality and segments."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    d, n, k, h = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
+    self.config = config
+    self.q = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), config)
+    self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), config)
+    self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), config)
+    self.o = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), config)
+
+  def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, mask_BxTxS):
+    cfg = self.config
+    dt = cfg.compute_dtype
+    b, t, _ = x_BxTxD.shape
+    g = cfg.n_heads // cfg.n_kv_heads
+    q_BxTxNxH = jnp.einsum("BTD,DNH->BTNH", x_BxTxD, self.q[...].astype(dt))
+    k_BxSxKxH = jnp.einsum("BSD,DKH->BSKH", x_BxTxD, self.k[...].astype(dt))
+    v_BxSxKxH = jnp.einsum("BSD,DKH->BSKH", x_BxTxD, self.v[...].astype(dt))
+    q_BxTxNxH = _apply_rope(q_BxTxNxH, cos_BxTxH, sin_BxTxH)
+    k_BxSxKxH = _apply_rope(k_BxSxKxH, cos_BxTxH, sin_BxTxH)
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, cfg.n_kv_heads, g, cfg.head_dim)
+    scores_BxKxGxTxS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH,
+                                  preferred_element_type=jnp.float32)
+    scores_BxKxGxTxS = scores_BxKxGxTxS * cfg.head_dim**-0.5
+    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS,
+                                 jnp.finfo(jnp.float32).min)
+    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dt)
+    out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, v_BxSxKxH)
+    out_BxTxNxH = out_BxTxKxGxH.reshape(b, t, cfg.n_heads, cfg.head_dim)
+    return jnp.einsum("BTNH,NHD->BTD", out_BxTxNxH, self.o[...].astype(dt))
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    d, f = config.d_model, config.d_ff
+    self.dtype = config.compute_dtype
+    self.gate = _param(rngs, (d, f), ("embed", "mlp"), config)
+    self.up = _param(rngs, (d, f), ("embed", "mlp"), config)
+    self.down = _param(rngs, (f, d), ("mlp", "embed"), config)
+
+  def __call__(self, x_BxTxD):
+    dt = self.dtype
+    gate_BxTxF = jnp.einsum("BTD,DF->BTF", x_BxTxD, self.gate[...].astype(dt))
+    up_BxTxF = jnp.einsum("BTD,DF->BTF", x_BxTxD, self.up[...].astype(dt))
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BxTxF) * up_BxTxF,
+                      self.down[...].astype(dt))
+
+
+class Block(nnx.Module):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(config, rngs=rngs)
+    self.attn = Attention(config, rngs=rngs)
+    self.mlp_norm = RMSNorm(config, rngs=rngs)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, mask_BxTxS):
+    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, mask_BxTxS)
+    return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+
+
+def _stacked_blocks(config: LlamaConfig, rngs: nnx.Rngs) -> Block:
+  @nnx.split_rngs(splits=config.n_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(rngs):
+    return Block(config, rngs=rngs)
+
+  return make(rngs)
+
+
+class Llama(nnx.Module):
+  """`model(input_ids_BxT, positions_BxT=None, segment_ids_BxT=None) -> logits_BxTxV` (fp32).
+
+  `segment_ids_BxT`: tokens attend only within their own segment (packing; give padding
+  its own id, e.g. 0). Positions default to 0.. per segment.
+  """
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embed = _param(rngs, (config.vocab_size, config.d_model), ("vocab", "embed"), config)
+    self.layers = _stacked_blocks(config, rngs)
+    self.final_norm = RMSNorm(config, rngs=rngs)
+    if not config.tie_embeddings:
+      self.lm_head = _param(rngs, (config.d_model, config.vocab_size), ("embed", "vocab"),
+                            config)
+
+  def hidden_states(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None):
+    """Final-norm hidden states [B, T, D] in the compute dtype."""
+    cfg = self.config
+    dt = cfg.compute_dtype
+    b, t = input_ids_BxT.shape
+    if segment_ids_BxT is None:
+      segment_ids_BxT = jnp.ones((b, t), jnp.int32)
+    if positions_BxT is None:
+      positions_BxT = positions_from_segments(segment_ids_BxT)
+    freqs_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
+    angles_BxTxH = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
+    cos_BxTxH, sin_BxTxH = jnp.cos(angles_BxTxH).astype(dt), jnp.sin(angles_BxTxH).astype(dt)
+    causal_TxS = jnp.tril(jnp.ones((t, t), bool))
+    mask_BxTxS = causal_TxS & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+
+    x_BxTxD = jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(dt)
+    graphdef, layer_state = nnx.split(self.layers)
+
+    def block(x_BxTxD, state):
+      return nnx.merge(graphdef, state)(x_BxTxD, cos_BxTxH, sin_BxTxH, mask_BxTxS), None
+
+    if cfg.remat != "none":
+      block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    if cfg.scan_layers:
+      x_BxTxD, _ = jax.lax.scan(block, x_BxTxD, layer_state)
+    else:
+      for i in range(cfg.n_layers):
+        x_BxTxD, _ = block(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], layer_state))
+    return self.final_norm(x_BxTxD)
+
+  def unembed_DxV(self):
+    """The output projection [D, V] as stored (the embedding transposed when tied)."""
+    if self.config.tie_embeddings:
+      return self.embed[...].T
+    return self.lm_head[...]
+
+  def __call__(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None):
+    hidden_BxTxD = self.hidden_states(input_ids_BxT, positions_BxT, segment_ids_BxT)
+    unembed_DxV = self.unembed_DxV().astype(self.config.compute_dtype)
+    return jnp.einsum("BTD,DV->BTV", hidden_BxTxD, unembed_DxV,
+                      preferred_element_type=jnp.float32)
+
+
+def init_model(config: LlamaConfig, seed: int = 0) -> Llama:
+  return Llama(config, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: LlamaConfig) -> Llama:
+  """The model with `ShapeDtypeStruct` leaves: shapes and axes without memory."""
+  return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))

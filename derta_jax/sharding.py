@@ -1,0 +1,67 @@
+"""Logical parameter axes -> device-mesh shardings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (None: replicated). Every parameter axis name appears here.
+DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules=DEFAULT_RULES) -> PartitionSpec:
+  table = dict(rules)
+  unknown = [a for a in axes if a is not None and a not in table]
+  if unknown:
+    raise ValueError(f"logical axes {unknown} have no sharding rule; rules cover {sorted(table)}")
+  return PartitionSpec(*(None if a is None else table[a] for a in axes))
+
+
+def param_sharding(name: str, shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh,
+                   rules=DEFAULT_RULES) -> NamedSharding:
+  """Sharding of one parameter; raises if a sharded dimension does not divide evenly."""
+  spec = logical_to_spec(axes, rules)
+  for dim, axis in zip(shape, spec):
+    size = mesh.shape[axis] if axis is not None else 1
+    if dim % size:
+      raise ValueError(f"parameter {name} {tuple(shape)}: dimension {dim} (logical axes {axes}) "
+                       f"does not divide over mesh axis {axis!r} of size {size}; change the "
+                       "mesh or the sharding rules")
+  return NamedSharding(mesh, spec)
+
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+  """A ("data", "fsdp", "tensor") mesh; one size may be -1 for the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  free = [k for k, v in sizes.items() if v == -1]
+  bad = {k: v for k, v in sizes.items() if v != -1 and (not isinstance(v, int) or v < 1)}
+  if bad or len(free) > 1:
+    raise ValueError(f"mesh sizes {sizes}: each must be a positive int, at most one -1")
+  fixed = int(np.prod([v for v in sizes.values() if v != -1]))
+  if free:
+    if len(devices) % fixed:
+      raise ValueError(f"mesh sizes {sizes}: {len(devices)} devices do not divide by the "
+                       f"fixed axes' product {fixed}")
+    sizes[free[0]] = len(devices) // fixed
+  if int(np.prod(list(sizes.values()))) != len(devices):
+    raise ValueError(f"mesh sizes {sizes} multiply to {int(np.prod(list(sizes.values())))} "
+                     f"but there are {len(devices)} devices; use -1 for one axis")
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  return Mesh(mesh_utils.create_device_mesh(shape, devices), MESH_AXES)

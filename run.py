@@ -1,0 +1,24 @@
+"""derta_jax entry point: `python run.py [--config=configs/<name>.py[:arg]] [--workdir=DIR]`."""
+
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(Path(__file__).parent / "configs" / "toy_cpu.py"),
+    "Config file (get_config), optionally with ':arg'.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config>).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from derta_jax import main as derta_main  # after flag parsing, so --help is fast
+
+  config_name = Path(flags.FLAGS["config"].config_filename).stem
+  derta_main.run(_CONFIG.value, _WORKDIR.value or Path("runs") / config_name)
+
+
+if __name__ == "__main__":
+  app.run(main)
