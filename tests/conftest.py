@@ -1,0 +1,55 @@
+"""8 fake CPU devices (set before JAX is imported) and tiny random HF checkpoints."""
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+# Small, but with every feature that differs between LLaMA generations.
+HF_CASES = {
+    "llama2_mha": dict(num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0,
+                       rms_norm_eps=1e-5),
+    "llama3_gqa": dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0),
+    "llama3_1_rope_scaling": dict(
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "llama3_2_tied": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24,
+                          rope_theta=500000.0, tie_word_embeddings=True),
+}
+
+
+def make_hf_model(seed: int = 0, **overrides):
+  """A random transformers LlamaForCausalLM whose weights give O(1) logits."""
+  import torch
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  fields = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+  fields.update(overrides)
+  torch.manual_seed(seed)
+  model = LlamaForCausalLM(LlamaConfig(**fields)).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        p.uniform_(0.5, 1.5)
+      else:
+        p.normal_(0.0, 0.15)
+  return model
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+  """Factory: save a random HF LLaMA to a fresh directory; returns (path, torch model)."""
+  def make(name="ckpt", max_shard_size=None, **overrides):
+    model = make_hf_model(**overrides)
+    path = tmp_path / name
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, **kwargs)
+    return path, model
+
+  return make
