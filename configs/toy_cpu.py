@@ -4,7 +4,7 @@
 
 Until the synthetic safety world lands (issue #7) this runs `mode=export`: a random tiny
 LLaMA is written as a Hugging Face checkpoint to runs/toy_cpu/hf, reloaded, and its
-logits compared; it prints one JSON line ending with "reload_max_abs_logit_diff": 0.0.
+parameters compared; it prints one JSON line with "reload_max_abs_param_diff": 0.0.
 """
 
 import ml_collections
@@ -19,7 +19,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.model = ml_collections.ConfigDict()
-  # Architecture preset of derta_jax.models.llama.PRESETS.
+  # Architecture preset of derta_jax.models.llama.PRESETS; with init.hf_path set, the
+  # checkpoint must match it ("" = take the checkpoint's architecture).
   config.model.preset = "tiny"
   # Compute dtype of activations and matmuls.
   config.model.dtype = "float32"

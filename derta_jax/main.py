@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import nnx
 
 from derta_jax import sharding
 from derta_jax.checkpoints import hf
@@ -25,18 +26,36 @@ def model_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
                       scan_layers=m.scan_layers, remat=m.remat)
 
 
+_ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                "head_dim", "rope_theta", "rope_scaling", "tie_embeddings")
+
+
 def build_model(config: ml_collections.ConfigDict, mesh=None) -> llama.Llama:
-  """From `init.hf_path` when set, else a random init of `model.preset` with `seed`."""
+  """From `init.hf_path` when set, else a random init of `model.preset` with `seed`.
+
+  With both set, the checkpoint's architecture must be the preset's ("" skips the check).
+  """
   m = config.model
   if config.init.hf_path:
+    if m.preset:
+      want, found = model_config(config), hf.read_config(config.init.hf_path)
+      diff = {k: (getattr(want, k), getattr(found, k)) for k in _ARCH_FIELDS
+              if getattr(want, k) != getattr(found, k)}
+      if diff:
+        raise ValueError(f"init.hf_path={config.init.hf_path!r} is not model.preset="
+                         f"{m.preset!r}; (preset, checkpoint) differ in {diff}; set "
+                         "--config.model.preset='' to take the checkpoint's architecture")
     return hf.load_hf(config.init.hf_path, dtype=jnp.dtype(m.param_dtype), mesh=mesh,
                       compute_dtype=jnp.dtype(m.dtype), scan_layers=m.scan_layers,
                       remat=m.remat)
+  if not m.preset:
+    raise ValueError("model.preset is '' and init.hf_path is unset: nothing says which "
+                     f"model to build; choose a preset of {sorted(llama.PRESETS)}")
   return llama.init_model(model_config(config), seed=config.seed)
 
 
 def export(config: ml_collections.ConfigDict, workdir: Path) -> dict:
-  """Write the model as an HF checkpoint in `<workdir>/hf`, reload it and compare logits."""
+  """Write the model as an HF checkpoint in `<workdir>/hf`; reloading must give it back."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   start = time.perf_counter()
   model = build_model(config, mesh)
@@ -44,16 +63,24 @@ def export(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   hf.save_hf(model, out, dtype=config.export.dtype or None,
              max_shard_bytes=int(config.export.max_shard_mb * 2**20))
   reloaded = hf.load_hf(out, dtype=model.config.weight_dtype, mesh=mesh)
+  params_diff = max(
+      float(jnp.max(jnp.abs(a[...].astype(jnp.float32) - b[...].astype(jnp.float32))))
+      for (_, a), (_, b) in zip(_params(model), _params(reloaded), strict=True))
   probe = jax.random.randint(jax.random.key(config.seed), (2, 16), 0, model.config.vocab_size)
-  delta = float(jnp.max(jnp.abs(model(probe) - reloaded(probe))))
   summary = {
       "mode": "export", "hf_dir": str(out), "params": model.config.num_params(),
-      "files": sorted(p.name for p in out.iterdir()), "reload_max_abs_logit_diff": delta,
+      "files": sorted(p.name for p in out.iterdir()),
+      "reload_max_abs_param_diff": params_diff,
+      "reload_max_abs_logit_diff": float(jnp.max(jnp.abs(model(probe) - reloaded(probe)))),
       "seconds": round(time.perf_counter() - start, 2),
   }
-  if config.export.dtype in ("", model.config.param_dtype) and delta != 0.0:
-    raise RuntimeError(f"export check failed: reloaded logits differ by {delta}")
+  if config.export.dtype in ("", model.config.param_dtype) and params_diff != 0.0:
+    raise RuntimeError(f"export check failed: reloaded parameters differ by {params_diff}")
   return summary
+
+
+def _params(model: llama.Llama):
+  return nnx.to_flat_state(nnx.state(model, nnx.Param))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:

@@ -36,7 +36,7 @@ def param_sharding(name: str, shape: Sequence[int], axes: Sequence[str | None], 
                    rules=DEFAULT_RULES) -> NamedSharding:
   """Sharding of one parameter; raises if a sharded dimension does not divide evenly."""
   spec = logical_to_spec(axes, rules)
-  for dim, axis in zip(shape, spec):
+  for dim, axis in zip(shape, spec, strict=True):
     size = mesh.shape[axis] if axis is not None else 1
     if dim % size:
       raise ValueError(f"parameter {name} {tuple(shape)}: dimension {dim} (logical axes {axes}) "

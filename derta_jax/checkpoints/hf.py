@@ -225,7 +225,7 @@ def _check_tensors(directory: Path, files: _SafetensorsDir, config: llama.LlamaC
 
 
 def _normalize(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
-  return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+  return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape, strict=True))
 
 
 def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = None,

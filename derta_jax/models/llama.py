@@ -81,7 +81,8 @@ class LlamaConfig:
       raise ValueError(f"LlamaConfig.head_dim ({self.head_dim}) must be even for RoPE")
     for key in ("dtype", "param_dtype"):
       if getattr(self, key) not in DTYPES:
-        raise ValueError(f"LlamaConfig.{key}={getattr(self, key)!r}; choose one of {sorted(DTYPES)}")
+        raise ValueError(f"LlamaConfig.{key}={getattr(self, key)!r}; choose one of "
+                         f"{sorted(DTYPES)}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"LlamaConfig.remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
 
@@ -308,15 +309,22 @@ class Attention(nnx.Module):
     v_BxSxKxH = jnp.einsum("BSD,DKH->BSKH", x_BxTxD, self.v[...].astype(dt))
     q_BxTxNxH = _apply_rope(q_BxTxNxH, cos_BxTxH, sin_BxTxH)
     k_BxSxKxH = _apply_rope(k_BxSxKxH, cos_BxTxH, sin_BxTxH)
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, cfg.n_kv_heads, g, cfg.head_dim)
-    scores_BxKxGxTxS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH,
+    # Head-major layouts make both attention matmuls plain batched GEMMs (faster on CPU).
+    q_BxKxGxTxH = q_BxTxNxH.reshape(b, t, cfg.n_kv_heads, g, cfg.head_dim).transpose(
+        0, 2, 3, 1, 4)
+    k_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3)
+    v_BxKxSxH = v_BxSxKxH.transpose(0, 2, 1, 3)
+    scores_BxKxGxTxS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BxKxGxTxH, k_BxKxSxH,
                                   preferred_element_type=jnp.float32)
-    scores_BxKxGxTxS = scores_BxKxGxTxS * cfg.head_dim**-0.5
-    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS,
+    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None],
+                                 scores_BxKxGxTxS * cfg.head_dim**-0.5,
                                  jnp.finfo(jnp.float32).min)
-    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dt)
-    out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, v_BxSxKxH)
-    out_BxTxNxH = out_BxTxKxGxH.reshape(b, t, cfg.n_heads, cfg.head_dim)
+    # Softmax in fp32 (as transformers does); every row sees at least its own token.
+    exp_BxKxGxTxS = jnp.exp(scores_BxKxGxTxS - scores_BxKxGxTxS.max(-1, keepdims=True))
+    probs_BxKxGxTxS = (exp_BxKxGxTxS / exp_BxKxGxTxS.sum(-1, keepdims=True)).astype(dt)
+    out_BxKxGxTxH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BxKxGxTxS, v_BxKxSxH)
+    out_BxTxNxH = out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.n_heads,
+                                                                 cfg.head_dim)
     return jnp.einsum("BTNH,NHD->BTD", out_BxTxNxH, self.o[...].astype(dt))
 
 
@@ -419,7 +427,8 @@ class Llama(nnx.Module):
 
 
 def init_model(config: LlamaConfig, seed: int = 0) -> Llama:
-  return Llama(config, rngs=nnx.Rngs(seed))
+  """Random init (normal(init_std) matrices, unit norms), compiled as one program."""
+  return nnx.jit(lambda: Llama(config, rngs=nnx.Rngs(seed)))()
 
 
 def abstract_model(config: LlamaConfig) -> Llama:
