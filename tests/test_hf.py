@@ -83,7 +83,7 @@ def test_transformers4_config_dialect(hf_checkpoint):
                    valid) <= 1e-4
 
 
-@pytest.mark.parametrize("case", ["llama3_1_rope_scaling", "llama3_2_tied"])
+@pytest.mark.parametrize("case", sorted(HF_CASES))
 def test_round_trip_through_transformers(hf_checkpoint, tmp_path, case):
   path, _ = hf_checkpoint(**HF_CASES[case])
   model = derta_jax.load_hf(path)
