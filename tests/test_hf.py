@@ -132,7 +132,7 @@ def test_bfloat16_checkpoint_and_export(hf_checkpoint, tmp_path):
   np.testing.assert_array_equal(np.asarray(fp32.embed[...]), want)
 
 
-def test_load_onto_mesh_places_each_shard(hf_checkpoint):
+def test_load_onto_mesh_places_each_shard(hf_checkpoint, tmp_path):
   path, ref_model = hf_checkpoint(**HF_CASES["llama3_gqa"])
   mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
   model = derta_jax.load_hf(path, mesh=mesh)
@@ -146,6 +146,36 @@ def test_load_onto_mesh_places_each_shard(hf_checkpoint):
   with jax.set_mesh(mesh):
     ours = _our_logits(model, ids, valid)
   assert _max_diff(ours, _torch_logits(ref_model, ids, valid), valid) <= 1e-4
+  derta_jax.save_hf(model, tmp_path / "from_mesh")
+  for k, v in _params(derta_jax.load_hf(tmp_path / "from_mesh")).items():
+    np.testing.assert_array_equal(v, single[k], err_msg=str(k))
+
+
+def test_mesh_load_reads_each_block_once_and_only_that_block(hf_checkpoint, monkeypatch):
+  path, _ = hf_checkpoint(**HF_CASES["llama3_gqa"])
+  reads = []
+  original = hf._SafetensorsDir.slice
+
+  class Recorder:
+    def __init__(self, name, inner):
+      self.name, self.inner = name, inner
+
+    def __getitem__(self, index):
+      out = self.inner[index]
+      reads.append((self.name, out.size))
+      return out
+
+    def __getattr__(self, attr):
+      return getattr(self.inner, attr)
+
+  monkeypatch.setattr(hf._SafetensorsDir, "slice",
+                      lambda self, name: Recorder(name, original(self, name)))
+  derta_jax.load_hf(path, mesh=sharding.make_mesh(data=1, fsdp=4, tensor=2))
+  q_reads = [n for name, n in reads if name.endswith("q_proj.weight")]
+  # q [D=64, N=4, H=16] over fsdp=4 x tensor=2: 8 distinct blocks x 3 layers, each 1/8.
+  assert len(q_reads) == 8 * 3 and set(q_reads) == {64 * 64 // 8}
+  # Replicated norms: every device wants the same block; it is read once per layer.
+  assert len([1 for name, _ in reads if name.endswith("input_layernorm.weight")]) == 3
 
 
 def test_mesh_that_does_not_divide_is_rejected(hf_checkpoint):
