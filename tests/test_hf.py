@@ -49,13 +49,14 @@ def _params(model):
 
 
 @pytest.mark.parametrize("case", sorted(HF_CASES))
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_logits_match_transformers(hf_checkpoint, case, scan_layers):
+@pytest.mark.parametrize("variant", [dict(), dict(scan_layers=False), dict(attn_q_block=16)],
+                         ids=["scan", "unrolled", "q_blocks_16"])
+def test_logits_match_transformers(hf_checkpoint, case, variant):
   path, ref_model = hf_checkpoint(**HF_CASES[case])
   ids, valid = _batch(96)
   ref = _torch_logits(ref_model, ids, valid)
   assert ref[valid].std() > 0.5, "logits too flat for the comparison to mean anything"
-  ours = _our_logits(derta_jax.load_hf(path, scan_layers=scan_layers), ids, valid)
+  ours = _our_logits(derta_jax.load_hf(path, **variant), ids, valid)
   assert _max_diff(ours, ref, valid) <= 1e-4
 
 
@@ -85,17 +86,20 @@ def test_transformers4_config_dialect(hf_checkpoint):
 
 @pytest.mark.parametrize("case", sorted(HF_CASES))
 def test_round_trip_through_transformers(hf_checkpoint, tmp_path, case):
-  path, _ = hf_checkpoint(**HF_CASES[case])
+  """load_hf -> save_hf -> transformers: the same logits as the original checkpoint."""
+  path, original = hf_checkpoint(**HF_CASES[case])
   model = derta_jax.load_hf(path)
   out = tmp_path / "exported"
   derta_jax.save_hf(model, out, max_shard_bytes=30_000)
   assert len(list(out.glob("*.safetensors"))) > 1
   reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
-  assert reloaded.config.rope_parameters == AutoModelForCausalLM.from_pretrained(
-      path).config.rope_parameters
+  assert reloaded.config.rope_parameters == original.config.rope_parameters
   ids, valid = _batch(96)
-  assert _max_diff(_torch_logits(reloaded, ids, valid), _our_logits(model, ids, valid),
-                   valid) <= 1e-5
+  exported_logits = _torch_logits(reloaded, ids, valid)
+  # fp32 weights come back bit for bit, so transformers computes identical logits (the
+  # issue asks <= 1e-5); against our own implementation the parity bound 1e-4 applies.
+  np.testing.assert_array_equal(exported_logits, _torch_logits(original, ids, valid))
+  assert _max_diff(exported_logits, _our_logits(model, ids, valid), valid) <= 1e-4
   again = derta_jax.load_hf(out)
   assert again.config == model.config
   before, after = _params(model), _params(again)

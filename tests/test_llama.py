@@ -78,7 +78,8 @@ def _loss_and_grads(model, ids):
 
 @pytest.mark.parametrize("overrides", [dict(scan_layers=False), dict(remat="full"),
                                        dict(remat="dots"), dict(remat="dots_no_batch"),
-                                       dict(scan_layers=False, remat="full")])
+                                       dict(scan_layers=False, remat="full"),
+                                       dict(attn_q_block=5), dict(attn_q_block=0)])
 def test_layer_stacking_and_remat_agree(overrides):
   model = llama.init_model(_tiny(), seed=3)
   other = _with_config(model, **overrides)
@@ -165,6 +166,7 @@ def test_param_dtype_is_storage_dtype():
     (dict(dtype="float8"), r"dtype='float8'; choose one of"),
     (dict(remat="some"), r"remat='some'; choose one of"),
     (dict(head_dim=15), r"head_dim \(15\) must be even"),
+    (dict(attn_q_block=-1), r"attn_q_block must be an int >= 0, got -1"),
     (dict(d_ff=0), r"d_ff must be a positive int, got 0"),
     (dict(colour="red"), r"unknown LlamaConfig field\(s\) \['colour'\]"),
 ])

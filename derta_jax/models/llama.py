@@ -63,6 +63,7 @@ class LlamaConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat: str = "none"
+  attn_q_block: int = 128  # queries per causal attention block; 0 = one block
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -77,6 +78,8 @@ class LlamaConfig:
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"LlamaConfig.n_heads ({self.n_heads}) must be a multiple of "
                        f"n_kv_heads ({self.n_kv_heads})")
+    if not isinstance(self.attn_q_block, int) or self.attn_q_block < 0:
+      raise ValueError(f"LlamaConfig.attn_q_block must be an int >= 0, got {self.attn_q_block!r}")
     if self.head_dim % 2:
       raise ValueError(f"LlamaConfig.head_dim ({self.head_dim}) must be even for RoPE")
     for key in ("dtype", "param_dtype"):
@@ -288,6 +291,17 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(x_BxTxD.dtype) * x32.astype(x_BxTxD.dtype)
 
 
+def _attend(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale):
+  scores_BxKxGxTxS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BxKxGxTxH, k_BxKxSxH,
+                                preferred_element_type=jnp.float32)
+  scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS * scale,
+                               jnp.finfo(jnp.float32).min)
+  # Softmax in fp32 (as transformers does); every row sees at least its own token.
+  exp_BxKxGxTxS = jnp.exp(scores_BxKxGxTxS - scores_BxKxGxTxS.max(-1, keepdims=True))
+  probs_BxKxGxTxS = exp_BxKxGxTxS / exp_BxKxGxTxS.sum(-1, keepdims=True)
+  return jnp.einsum("BKGTS,BKSH->BKGTH", probs_BxKxGxTxS.astype(v_BxKxSxH.dtype), v_BxKxSxH)
+
+
 class Attention(nnx.Module):
   """Grouped-query attention; `mask_BxTxS` combines causality and segments."""
 
@@ -314,15 +328,13 @@ class Attention(nnx.Module):
         0, 2, 3, 1, 4)
     k_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3)
     v_BxKxSxH = v_BxSxKxH.transpose(0, 2, 1, 3)
-    scores_BxKxGxTxS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BxKxGxTxH, k_BxKxSxH,
-                                  preferred_element_type=jnp.float32)
-    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None],
-                                 scores_BxKxGxTxS * cfg.head_dim**-0.5,
-                                 jnp.finfo(jnp.float32).min)
-    # Softmax in fp32 (as transformers does); every row sees at least its own token.
-    exp_BxKxGxTxS = jnp.exp(scores_BxKxGxTxS - scores_BxKxGxTxS.max(-1, keepdims=True))
-    probs_BxKxGxTxS = (exp_BxKxGxTxS / exp_BxKxGxTxS.sum(-1, keepdims=True)).astype(dt)
-    out_BxKxGxTxH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BxKxGxTxS, v_BxKxSxH)
+    # Causal: query block [i, j) needs keys [0, j) only, so blocks skip the upper triangle.
+    block = cfg.attn_q_block or t
+    out_BxKxGxTxH = jnp.concatenate([
+        _attend(q_BxKxGxTxH[:, :, :, i:i + block], k_BxKxSxH[:, :, :i + block],
+                v_BxKxSxH[:, :, :i + block], mask_BxTxS[:, i:i + block, :i + block],
+                cfg.head_dim**-0.5)
+        for i in range(0, t, block)], axis=3)
     out_BxTxNxH = out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.n_heads,
                                                                  cfg.head_dim)
     return jnp.einsum("BTNH,NHD->BTD", out_BxTxNxH, self.o[...].astype(dt))
