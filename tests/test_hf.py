@@ -211,6 +211,13 @@ def test_missing_directory(tmp_path):
     derta_jax.load_hf(tmp_path / "nowhere")
 
 
+def test_file_instead_of_directory(hf_checkpoint):
+  path, _ = hf_checkpoint()
+  with pytest.raises(NotADirectoryError, match=r"model.safetensors is a file; an HF checkpoint "
+                                               r"is a directory"):
+    derta_jax.load_hf(path / "model.safetensors")
+
+
 def test_missing_config(hf_checkpoint):
   path, _ = hf_checkpoint()
   (path / "config.json").unlink()

@@ -177,8 +177,11 @@ def _read_json(path: Path) -> dict:
 def read_config(path: str | os.PathLike, **overrides) -> llama.LlamaConfig:
   """The LlamaConfig of the HF checkpoint directory `path` (with field overrides)."""
   directory = Path(path)
-  if not directory.is_dir():
+  if not directory.exists():
     raise FileNotFoundError(f"HF checkpoint directory not found: {directory}")
+  if not directory.is_dir():
+    raise NotADirectoryError(f"{directory} is a file; an HF checkpoint is a directory holding "
+                             "config.json and *.safetensors")
   config_path = directory / "config.json"
   if not config_path.exists():
     raise FileNotFoundError(f"{config_path} not found: an HF checkpoint directory needs "
