@@ -85,8 +85,8 @@ def _hf_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   if layout == "in_heads":
     d, x, h = shape
     return (x * h, d)
-  d_n_h = shape  # out_heads: ours [N, H, D]
-  return (d_n_h[2], d_n_h[0] * d_n_h[1])
+  n, h, d = shape  # out_heads
+  return (d, n * h)
 
 
 def _to_hf(layout: str, ours: np.ndarray) -> np.ndarray:
@@ -273,13 +273,12 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = N
         key = tuple((s.start, s.stop) for s in index)
         if key not in cache:
           if t.stacked:
-            layers = [_read_ours(files.slice(t.hf.format(i=i)).__getitem__, t.layout,
-                                 shape[1:], index[1:])
-                      for i in range(index[0].start, index[0].stop)]
-            cache[key] = np.stack(layers).astype(target)
+            value = np.stack([
+                _read_ours(files.slice(t.hf.format(i=i)).__getitem__, t.layout, shape[1:],
+                           index[1:]) for i in range(*key[0])])
           else:
-            cache[key] = np.asarray(
-                _read_ours(files.slice(t.hf).__getitem__, t.layout, shape, index)).astype(target)
+            value = _read_ours(files.slice(t.hf).__getitem__, t.layout, shape, index)
+          cache[key] = np.asarray(value).astype(target, copy=False)
         return cache[key]
 
       var.set_value(jax.make_array_from_callback(shape, sharding, block))
