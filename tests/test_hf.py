@@ -265,20 +265,20 @@ def test_index_names_a_missing_shard(hf_checkpoint):
     derta_jax.load_hf(path)
 
 
-def test_missing_tensor(hf_checkpoint):
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.layers.2.mlp.up_proj.weight"),
+     r"missing 1 tensor\(s\).*'model.layers.2.mlp.up_proj.weight'"),
+    (lambda t: t.update({"model.layers.3.self_attn.q_proj.weight": np.zeros((64, 64),
+                                                                          np.float32)}),
+     r"1 unexpected tensor\(s\).*'model.layers.3.self_attn.q_proj.weight'"),
+    (lambda t: t.update({"model.norm.weight": np.ones(64, np.int32)}),
+     r"model.safetensors: tensor model.norm.weight has dtype I32; expected one of "
+     r"\['BF16', 'F16', 'F32'\]"),
+], ids=["missing", "unexpected", "integer"])
+def test_bad_tensors(hf_checkpoint, edit, message):
   path, _ = hf_checkpoint()
-  _rewrite_tensors(path, lambda t: t.pop("model.layers.2.mlp.up_proj.weight"))
-  with pytest.raises(hf.CheckpointError,
-                     match=r"missing 1 tensor\(s\).*'model.layers.2.mlp.up_proj.weight'"):
-    derta_jax.load_hf(path)
-
-
-def test_unexpected_tensor(hf_checkpoint):
-  path, _ = hf_checkpoint()
-  _rewrite_tensors(path, lambda t: t.update(
-      {"model.layers.3.self_attn.q_proj.weight": np.zeros((64, 64), np.float32)}))
-  with pytest.raises(hf.CheckpointError, match=r"1 unexpected tensor\(s\).*"
-                                               r"'model.layers.3.self_attn.q_proj.weight'"):
+  _rewrite_tensors(path, edit)
+  with pytest.raises(hf.CheckpointError, match=message):
     derta_jax.load_hf(path)
 
 
@@ -297,15 +297,6 @@ def test_shape_mismatch(hf_checkpoint):
   with pytest.raises(hf.CheckpointError, match=r"model.safetensors: tensor model.layers.0.mlp."
                                                r"gate_proj.weight has shape \(112, 64\), "
                                                r"expected \(128, 64\) from config.json"):
-    derta_jax.load_hf(path)
-
-
-def test_integer_tensor(hf_checkpoint):
-  path, _ = hf_checkpoint()
-  _rewrite_tensors(path, lambda t: t.update(
-      {"model.norm.weight": np.ones(64, np.int32)}))
-  with pytest.raises(hf.CheckpointError, match=r"tensor model.norm.weight has dtype I32; "
-                                               r"expected one of \['BF16', 'F16', 'F32'\]"):
     derta_jax.load_hf(path)
 
 
