@@ -18,7 +18,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
@@ -33,7 +32,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Non-parameter buffers that some older LLaMA checkpoints carry; transformers drops them too.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-_FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+_FLOAT_DTYPES = frozenset({"F32", "F16", "BF16"})  # safetensors dtype names we read
 
 
 class CheckpointError(ValueError):
