@@ -93,15 +93,22 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def check_batch(batch: Mapping[str, Any]) -> None:
-  """Shape and mask checks; the overlap check runs when the masks are concrete values."""
-  missing = [k for k in BATCH_KEYS if k not in batch]
+def check_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """The batch's three loss arrays under their _BxT names, checked.
+
+  Each key may also be given without the suffix (`targets`, `mle_mask`, `rto_mask`, as
+  `derta_jax.data.encode` returns them). The overlap check runs when the masks are
+  concrete values.
+  """
+  missing = [k for k in BATCH_KEYS if k not in batch and k.removesuffix("_BxT") not in batch]
   if missing:
-    raise ValueError(f"batch lacks {missing}; it needs {list(BATCH_KEYS)}")
-  shapes = {k: tuple(batch[k].shape) for k in BATCH_KEYS}
+    raise ValueError(f"batch lacks {missing}; it needs {list(BATCH_KEYS)} (or the same "
+                     f"names without _BxT); it has {sorted(batch)}")
+  out = {k: batch[k] if k in batch else batch[k.removesuffix("_BxT")] for k in BATCH_KEYS}
+  shapes = {k: tuple(jnp.shape(v)) for k, v in out.items()}
   if len(set(shapes.values())) != 1 or len(shapes["targets_BxT"]) != 2:
     raise ValueError(f"batch arrays must share one [B, T] shape, got {shapes}")
-  mle, rto = batch["mle_mask_BxT"], batch["rto_mask_BxT"]
+  mle, rto = out["mle_mask_BxT"], out["rto_mask_BxT"]
   if _is_concrete(mle) and _is_concrete(rto):
     both = np.logical_and(np.asarray(mle) != 0, np.asarray(rto) != 0)
     if both.any():
@@ -109,6 +116,7 @@ def check_batch(batch: Mapping[str, Any]) -> None:
       raise ValueError(
           f"mle_mask_BxT and rto_mask_BxT overlap at {both.sum()} positions, first at "
           f"row {rows[0]}, position {cols[0]}: a position is an MLE or an RTO target, not both")
+  return {k: jnp.asarray(v) for k, v in out.items()}
 
 
 def loss_weights(*, batch, rto_weight=1.0, normalize="tokens", z_loss=0.0, counts=None):
@@ -119,6 +127,7 @@ def loss_weights(*, batch, rto_weight=1.0, normalize="tokens", z_loss=0.0, count
   """
   if normalize not in NORMALIZE:
     raise ValueError(f"normalize={normalize!r}; choose one of {NORMALIZE}")
+  batch = check_batch(batch)
   mle_BxT = batch["mle_mask_BxT"].astype(jnp.float32)
   rto_BxT = batch["rto_mask_BxT"].astype(jnp.float32)
   n_mle, n_rto = (jnp.sum(mle_BxT), jnp.sum(rto_BxT)) if counts is None else counts
@@ -193,7 +202,7 @@ def derta_loss(*, logits_BxTxV, batch, refusal_ids, rto_weight=1.0, normalize="t
   rto_tokens, mle_accuracy (argmax == target on MLE positions), p_refusal (mean
   P(refusal set) on RTO positions).
   """
-  check_batch(batch)
+  batch = check_batch(batch)
   ids = refusal_tuple(refusal_ids, logits_BxTxV.shape[-1])
   weights = loss_weights(batch=batch, rto_weight=rto_weight, normalize=normalize,
                          z_loss=z_loss, counts=counts)
@@ -312,7 +321,7 @@ def derta_loss_from_hidden(*, hidden_BxTxD, unembed_DxV, batch, refusal_ids, rto
   works on blocks of the same size, chunk_size * V / T vocabulary columns for all T
   positions. Any T works (the last chunk overlaps the one before it).
   """
-  check_batch(batch)
+  batch = check_batch(batch)
   _, t, _ = hidden_BxTxD.shape
   v = unembed_DxV.shape[-1]
   if chunk_size < 1:

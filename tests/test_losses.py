@@ -143,6 +143,19 @@ def test_bad_arguments_are_named(kwargs, match):
     losses.derta_loss(logits_BxTxV=jnp.zeros((3, 37, V)), batch=batch, **kwargs)
 
 
+def test_batch_keys_without_shape_suffix_are_accepted():
+  hidden_BxTxD, unembed_DxV, batch = _random_case()
+  logits_BxTxV = hidden_BxTxD @ unembed_DxV
+  plain = {k.removesuffix("_BxT"): np.asarray(v) for k, v in batch.items()}
+  plain["input_ids"] = np.zeros((3, 37), np.int32)
+  a, _ = losses.derta_loss(logits_BxTxV=logits_BxTxV, batch=batch, refusal_ids=REFUSAL)
+  b, _ = losses.derta_loss(logits_BxTxV=logits_BxTxV, batch=plain, refusal_ids=REFUSAL)
+  assert float(a) == float(b)
+  c, _ = losses.derta_loss_from_hidden(hidden_BxTxD=hidden_BxTxD, unembed_DxV=unembed_DxV,
+                                       batch=plain, refusal_ids=REFUSAL)
+  np.testing.assert_allclose(float(c), float(a), rtol=1e-6)
+
+
 def test_batch_shape_errors_name_the_keys():
   _, _, batch = _random_case()
   with pytest.raises(ValueError, match="rto_mask_BxT"):
