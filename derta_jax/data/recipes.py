@@ -1,0 +1,103 @@
+"""Training mixtures from harmful triples and helpful data, as the authors build them.
+
+Upstream (data/train/generate_training_data.py), per triple i (question q, harmful
+response h, safe response s), with T(q) = "[INST] {q} [\\INST]" and E = "<|end_of_text|>":
+  RTO          prefix T(q)                          text " " + h + E   safe "true"
+  prefix-MLE   prefix T(q) + " " + first k words of h  text " " + s + E   safe "false"
+  vanilla      prefix T(q)                          text " " + s + E   safe "false"
+  helpful      prefix T(instruction)                text " " + output + E
+and the mixtures (helpful first, then safety data in triple order):
+  vanilla = helpful + 6,000 vanilla;  recaug = helpful + 6,000 prefix-MLE;
+  derta   = helpful + 3,000 RTO + 3,000 prefix-MLE (the same first 3,000 questions).
+The paper's ablations remove one half of DeRTa each:
+  harmful_prefix = helpful + 3,000 prefix-MLE;  rto_only = helpful + 3,000 RTO + 3,000 vanilla.
+Differences: k comes from `sampler` (seeded, resampled per epoch); triples whose harmful
+response has fewer than 3 words keep k = 0 instead of being dropped (upstream drops them
+from the prefix-MLE and vanilla lists only, which shifts those lists against the RTO list).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from absl import logging
+
+from derta_jax.data import sampler, templates
+from derta_jax.data.records import Example, Helpful, Triple
+
+# name -> ((part, count), ...) with the paper's counts.
+RECIPES = {
+    "vanilla": (("vanilla", 6000),),
+    "recaug": (("prefix", 6000),),
+    "derta": (("rto", 3000), ("prefix", 3000)),
+    "harmful_prefix": (("prefix", 3000),),
+    "rto_only": (("rto", 3000), ("vanilla", 3000)),
+}
+UPSTREAM_EOS = "<|end_of_text|>"
+
+
+def _prefix_cut(triples: Sequence[Triple], *, seed, epoch, mode, static, tokenizer, **kwargs):
+  """The harmful prefix text of every triple for this epoch (with its leading space)."""
+  if mode == "token":
+    if tokenizer is None:
+      raise ValueError('prefix_mode="token" needs a tokenizer')
+    ids = [tokenizer.encode(t.output) for t in triples]
+    ks = sampler.sample_prefix_lengths([len(i) for i in ids], seed=seed, epoch=epoch,
+                                       mode="token", static=static, **kwargs)
+    return [" " + tokenizer.decode(i[:k]).lstrip(" ") if k else ""
+            for i, k in zip(ids, ks, strict=True)]
+  words = [t.output.split(" ") for t in triples]
+  ks = sampler.sample_prefix_lengths([len(w) for w in words], seed=seed, epoch=epoch, mode=mode,
+                                     static=static, **kwargs)
+  return [" " + " ".join(w[:k]) for w, k in zip(words, ks, strict=True)]
+
+
+def build_recipe(name: str, *, triples: Sequence[Triple], helpful: Sequence[Helpful],
+                 seed: int = 0, epoch: int = 0, counts: dict[str, int] | None = None,
+                 template: str = "upstream", eos_text: str = UPSTREAM_EOS,
+                 separator: str = " ", prefix_mode: str = "official_word",
+                 static: bool = False, tokenizer=None, **prefix_kwargs) -> list[Example]:
+  """The examples of recipe `name` for one epoch (prefix cuts depend on seed and epoch).
+
+  counts overrides the paper's counts per part ("rto", "prefix", "vanilla"). The RTO,
+  prefix-MLE and vanilla parts all start from the first triple, as upstream. separator
+  goes between prompt and response (upstream: one space); eos_text ends every response.
+  """
+  if name not in RECIPES:
+    raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+  parts = dict(RECIPES[name])
+  for part, count in (counts or {}).items():
+    if part not in ("rto", "prefix", "vanilla"):
+      raise ValueError(f"counts has unknown part {part!r}; parts: rto, prefix, vanilla")
+    if part not in parts:
+      raise ValueError(f"recipe {name!r} has no {part!r} part; it has {sorted(parts)}")
+    parts[part] = int(count)
+  for part, count in parts.items():
+    if count > len(triples):
+      logging.warning("recipe %s: %d %s examples asked for, only %d triples; using %d",
+                      name, count, part, len(triples), len(triples))
+
+  prompt = lambda q: templates.apply_template(template, q)  # noqa: E731
+  examples = [Example(prompt(h.instruction), separator + h.output + eos_text, "mle")
+              for h in helpful]
+  for part, count in parts.items():
+    chosen = triples[:count]
+    if part == "rto":
+      examples += [Example(prompt(t.instruction), separator + t.output + eos_text, "rto")
+                   for t in chosen]
+    elif part == "vanilla":
+      examples += [Example(prompt(t.instruction), separator + t.safe_response + eos_text, "mle")
+                   for t in chosen]
+    else:
+      cuts = _prefix_cut(chosen, seed=seed, epoch=epoch, mode=prefix_mode, static=static,
+                         tokenizer=tokenizer, **prefix_kwargs)
+      examples += [Example(prompt(t.instruction), separator + t.safe_response + eos_text, "mle",
+                           harmful_prefix=cut) for t, cut in zip(chosen, cuts, strict=True)]
+  return examples
+
+
+def recipe_sizes(name: str, *, n_helpful: int, n_triples: int,
+                 counts: dict[str, int] | None = None) -> dict[str, int]:
+  """How many examples of each part `build_recipe` gives."""
+  parts = dict(RECIPES[name], **(counts or {}))
+  return dict(helpful=n_helpful, **{p: min(c, n_triples) for p, c in parts.items()})

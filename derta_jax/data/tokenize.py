@@ -1,0 +1,282 @@
+"""Tokenizers (HF directory or LLaMA-3 tiktoken file), refusal ids, and encoding into rows.
+
+An example becomes [BOS] + prompt + harmful prefix + response, each part tokenized on its
+own, so the boundary between input and target is exact. The authors instead tokenize
+prefix + text as one string and mask the first len(tokenize(prefix)) labels; the two agree
+unless a token spans the boundary (e.g. a prefix ending in a space before a text starting
+with one): `upstream_boundary_differs` finds those rows.
+
+Rows (pack=True) hold several examples, each with its own segment id (1, 2, ...; 0 is
+padding) and positions restarting at 0; pack=False puts one example per row. Position t
+of a row predicts targets[t] = input_ids[t + 1] of the same segment; mle_mask / rto_mask
+mark positions whose next token is a response token of an MLE / RTO example.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from absl import logging
+
+from derta_jax.data.records import DataError, Example
+
+# The LLaMA-3 pre-tokenizer split (the cl100k-style pattern Meta's tokenizer uses).
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_NUM_SPECIAL = 256
+LLAMA3_SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                  "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+                  "<|python_tag|>", "<|image|>")
+ARRAYS = ("input_ids", "targets", "mle_mask", "rto_mask", "segment_ids", "positions")
+
+
+class Tokenizer:
+  """The interface the pipeline uses: text <-> ids with special-token strings recognised."""
+
+  bos_id: int
+  eos_id: int
+  pad_id: int
+  vocab_size: int
+
+  def encode(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def decode(self, ids: Sequence[int]) -> str:
+    raise NotImplementedError
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
+
+class TiktokenTokenizer(Tokenizer):
+  """A LLaMA-3 `tokenizer.model` (base64 token, rank per line) read with tiktoken."""
+
+  def __init__(self, path: str | os.PathLike):
+    import tiktoken
+
+    ranks = {}
+    with open(path, "rb") as f:
+      for number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          token, rank = line.split()
+          ranks[base64.b64decode(token)] = int(rank)
+        except ValueError as e:
+          raise DataError(f"{path}:{number}: not a tiktoken 'base64 rank' line ({e})") from None
+    special = list(LLAMA3_SPECIAL) + [f"<|reserved_special_token_{i}|>" for i in
+                                      range(2, LLAMA3_NUM_SPECIAL - len(LLAMA3_SPECIAL) + 2)]
+    self.special = {name: len(ranks) + i for i, name in enumerate(special)}
+    self._enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=LLAMA3_PATTERN,
+                                  mergeable_ranks=ranks, special_tokens=self.special)
+    self.bos_id = self.special["<|begin_of_text|>"]
+    self.eos_id = self.special["<|end_of_text|>"]
+    self.pad_id = self.special["<|finetune_right_pad_id|>"]
+    self.vocab_size = len(ranks) + len(special)
+
+  def encode(self, text):
+    return self._enc.encode(text, allowed_special="all", disallowed_special=())
+
+  def encode_batch(self, texts):
+    return self._enc.encode_batch(list(texts), allowed_special="all", disallowed_special=())
+
+  def decode(self, ids):
+    return self._enc.decode(list(ids))
+
+
+class HFTokenizer(Tokenizer):
+  """A tokenizer directory (tokenizer.json / tokenizer_config.json) via AutoTokenizer."""
+
+  def __init__(self, path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    self._tok = AutoTokenizer.from_pretrained(os.fspath(path))
+    if self._tok.bos_token_id is None or self._tok.eos_token_id is None:
+      raise DataError(f"{path}: the tokenizer defines no BOS or EOS token (bos_token, "
+                      f"eos_token in tokenizer_config.json)")
+    self.bos_id = self._tok.bos_token_id
+    self.eos_id = self._tok.eos_token_id
+    pad = self._tok.pad_token_id
+    self.pad_id = self.eos_id if pad is None else pad
+    self.vocab_size = len(self._tok)
+
+  def encode(self, text):
+    return self._tok.encode(text, add_special_tokens=False)
+
+  def encode_batch(self, texts):
+    return self._tok(list(texts), add_special_tokens=False)["input_ids"]
+
+  def decode(self, ids):
+    return self._tok.decode(list(ids))
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+  """A HF tokenizer directory, or a LLaMA-3 tiktoken `tokenizer.model` file."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    if not any(os.path.exists(os.path.join(path, f))
+               for f in ("tokenizer.json", "tokenizer_config.json")):
+      if os.path.exists(os.path.join(path, "tokenizer.model")):
+        return TiktokenTokenizer(os.path.join(path, "tokenizer.model"))
+      raise DataError(f"{path}: no tokenizer.json, tokenizer_config.json or tokenizer.model")
+    return HFTokenizer(path)
+  if not os.path.exists(path):
+    raise DataError(f"{path}: tokenizer file or directory does not exist")
+  return TiktokenTokenizer(path)
+
+
+def refusal_ids(tokenizer: Tokenizer, text: str = "Sorry", *, policy: str = "single"):
+  """Token ids of the refusal `text` ("Sorry" -> 19701 on LLaMA-3).
+
+  policy "single": the text must be one token. "first": train its first token.
+  """
+  if policy not in ("single", "first"):
+    raise ValueError(f"refusal policy {policy!r}; choose 'single' or 'first'")
+  ids = tokenizer.encode(text)
+  if not ids:
+    raise ValueError(f"refusal text {text!r} encodes to no tokens")
+  if len(ids) == 1 or policy == "first":
+    return (ids[0],)
+  raise ValueError(f"refusal text {text!r} is {len(ids)} tokens {ids} in this tokenizer; give "
+                   f"one-token text, token ids, or policy='first' to train the first token")
+
+
+@dataclasses.dataclass
+class EncodeStats:
+  """What encoding changed, counted per example."""
+
+  examples: int = 0
+  rows: int = 0
+  tokens: int = 0
+  harmful_prefix_shortened: int = 0
+  response_truncated: int = 0
+  prompt_truncated: int = 0
+
+
+class Encoded(dict):
+  """The arrays of `encode` (a dict of [rows, seq_len] numpy arrays) plus `.stats`."""
+
+  stats: EncodeStats
+
+
+def tokenize_examples(examples: Sequence[Example], tokenizer: Tokenizer,
+                      cache: dict[str, list[int]] | None = None):
+  """(prompt, harmful prefix, response) ids per example; each distinct string is encoded once
+  (and once across calls that share `cache`)."""
+  cache = {} if cache is None else cache
+  texts = sorted({s for e in examples for s in (e.prompt, e.harmful_prefix, e.response)}
+                 - cache.keys())
+  cache.update(zip(texts, tokenizer.encode_batch(texts), strict=True))
+  return [(cache[e.prompt], cache[e.harmful_prefix], cache[e.response]) for e in examples]
+
+
+def fit_example(parts, seq_len: int, stats: EncodeStats):
+  """Cut one example to at most seq_len tokens with BOS: the harmful prefix first, then the
+  response's tail (at least one response token stays), then the prompt's head."""
+  prompt, harmful, response = parts
+  if not response:
+    raise DataError("an example has an empty response: nothing to train on")
+  excess = 1 + len(prompt) + len(harmful) + len(response) - seq_len
+  if excess > 0 and harmful:
+    cut = min(excess, len(harmful))
+    harmful, excess = harmful[:len(harmful) - cut], excess - cut
+    stats.harmful_prefix_shortened += 1
+  if excess > 0 and len(response) > 1:
+    cut = min(excess, len(response) - 1)
+    response, excess = response[:len(response) - cut], excess - cut
+    stats.response_truncated += 1
+  if excess > 0:
+    if seq_len < 3:
+      raise ValueError(f"seq_len={seq_len} leaves no room for BOS, a prompt token and a target")
+    prompt, excess = prompt[excess:], 0
+    stats.prompt_truncated += 1
+  return prompt, harmful, response
+
+
+def pack_rows(lengths: Sequence[int], seq_len: int, *, window: int = 16):
+  """Assign examples, in order, to rows: first fit among the `window` most recent rows.
+
+  Deterministic in the order given. Returns a list of rows, each a list of example indices.
+  """
+  rows, free, open_rows = [], [], []
+  for i, n in enumerate(lengths):
+    for r in open_rows:
+      if free[r] >= n:
+        rows[r].append(i)
+        free[r] -= n
+        break
+    else:
+      rows.append([i])
+      free.append(seq_len - n)
+      open_rows.append(len(rows) - 1)
+      if len(open_rows) > window:
+        open_rows.pop(0)
+  return rows
+
+
+def build_rows(fitted, kinds: Sequence[str], rows: Sequence[Sequence[int]], *, seq_len: int,
+               bos_id: int, pad_id: int, refusal_id: int | None = None) -> dict[str, np.ndarray]:
+  """The arrays of the given rows, from fitted (prompt, harmful prefix, response) ids."""
+  out = {k: np.zeros((len(rows), seq_len), np.int32) for k in ARRAYS}
+  out["input_ids"][:] = pad_id
+  for r, members in enumerate(rows):
+    t = 0
+    for seg, i in enumerate(members, 1):
+      prompt, harmful, response = fitted[i]
+      n = 1 + len(prompt) + len(harmful) + len(response)
+      first_target = n - len(response)
+      row = out["input_ids"][r]
+      row[t] = bos_id
+      row[t + 1:t + first_target] = [*prompt, *harmful]
+      row[t + first_target:t + n] = response
+      out["segment_ids"][r, t:t + n] = seg
+      out["positions"][r, t:t + n] = np.arange(n)
+      out["targets"][r, t:t + n - 1] = row[t + 1:t + n]
+      supervised = slice(t + first_target - 1, t + n - 1)
+      out["rto_mask" if kinds[i] == "rto" else "mle_mask"][r, supervised] = 1
+      if refusal_id is not None and kinds[i] == "rto":
+        out["targets"][r, supervised] = refusal_id
+      t += n
+  return out
+
+
+def first_refusal_id(refusal_ids: Sequence[int] | int | None) -> int | None:
+  if refusal_ids is None or isinstance(refusal_ids, (int, np.integer)):
+    return refusal_ids
+  return tuple(refusal_ids)[0]
+
+
+def encode(examples: Sequence[Example], tokenizer: Tokenizer, *, seq_len: int,
+           refusal_ids: Sequence[int] | int | None = None, pack: bool = True,
+           window: int = 16) -> Encoded:
+  """Examples -> rows: input_ids, targets, mle_mask, rto_mask, segment_ids, positions.
+
+  refusal_ids: when given, RTO positions hold the (first) refusal id as their target, so
+  `targets` alone shows what every supervised position is trained towards; the loss
+  gathers the whole refusal set there either way.
+  """
+  stats = EncodeStats(examples=len(examples))
+  fitted = [fit_example(p, seq_len, stats) for p in tokenize_examples(examples, tokenizer)]
+  lengths = [1 + len(a) + len(b) + len(c) for a, b, c in fitted]
+  rows = (pack_rows(lengths, seq_len, window=window) if pack
+          else [[i] for i in range(len(examples))])
+  out = Encoded(build_rows(fitted, [e.kind for e in examples], rows, seq_len=seq_len,
+                           bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id,
+                           refusal_id=first_refusal_id(refusal_ids)))
+  stats.rows, stats.tokens = len(rows), int(sum(lengths))
+  out.stats = stats
+  truncated = stats.harmful_prefix_shortened + stats.response_truncated + stats.prompt_truncated
+  if truncated:
+    logging.info("encode: %d of %d examples cut to seq_len %d (%s)", truncated, len(examples),
+                 seq_len, stats)
+  return out
+
+
+def upstream_boundary_differs(prefix: str, text: str, tokenizer: Tokenizer) -> bool:
+  """Whether tokenize(prefix + text) differs from tokenize(prefix) + tokenize(text)."""
+  return tokenizer.encode(prefix + text) != tokenizer.encode(prefix) + tokenizer.encode(text)
