@@ -245,16 +245,26 @@ def test_truncation_cuts_harmful_prefix_then_response_never_all_of_it(llama3):
   assert int(out["mle_mask"].sum()) == 3 * 3
 
 
+UPSTREAM_SAMPLE = "/work/shared/upstream/example_data_to_read.json"
+
+
 def test_encode_matches_the_authors_preprocessing(tmp_path, llama3):
   """Upstream: ids = [BOS] + tok(prefix + text); labels masked on [BOS] + tok(prefix);
   RTO rows relabelled to 19701; position t predicts label t + 1."""
   triples, helpful = _triples(600), _helpful(200)
   path = tmp_path / "derta.jsonl"
-  data.write_upstream(data.build_recipe("derta", triples=triples, helpful=helpful,
-                                        counts={"rto": 300, "prefix": 300}), path)
-  rows = data.load_upstream(path)
-  out = data.encode(rows, llama3, seq_len=512, refusal_ids=19701, pack=False)
-  differ = agree = 0
+  rows = data.build_recipe("derta", triples=triples, helpful=helpful,
+                           counts={"rto": 300, "prefix": 300})
+  # Rows the recipes never make, where a token spans prefix and text: " can" + "not" is
+  # " cannot" in one string, and "Do" + "n't" is "Don" + "'t".
+  merging = [Example("[INST] q [\\INST] I can", "not help<|end_of_text|>", "mle"),
+             Example("[INST] q [\\INST] Do", "n't do it<|end_of_text|>", "rto")]
+  data.write_upstream(rows + merging, path)
+  rows = list(data.load_upstream(path))
+  if os.path.exists(UPSTREAM_SAMPLE):  # the authors' sample file, where present
+    rows += data.load_upstream(UPSTREAM_SAMPLE)
+  out = data.encode(rows, llama3, seq_len=1024, refusal_ids=19701, pack=False)
+  differ = 0
   for r, ex in enumerate(rows):
     ids = [llama3.bos_id] + llama3.encode(ex.prompt + ex.response)
     n_prefix = 1 + len(llama3.encode(ex.prompt))
@@ -269,12 +279,25 @@ def test_encode_matches_the_authors_preprocessing(tmp_path, llama3):
     boundary = tokenize.upstream_boundary_differs(ex.prompt, ex.response, llama3)
     assert same != boundary, (r, ex)
     differ += boundary
-    agree += same
-  # "[INST] q [\INST]" + " Sure..." never merges across the boundary in these rows; when a
-  # row's text starts without a space after a word (not produced by the recipes) it would.
-  assert agree == len(rows) and differ == 0
-  merged = Example("[INST] q [\\INST] I can", "not help<|end_of_text|>", "mle")
-  assert tokenize.upstream_boundary_differs(merged.prompt, merged.response, llama3)
+  # Exactly the two merging rows differ; every recipe row (and sample row) agrees.
+  assert differ == 2
+
+
+def test_batches_are_identical_across_processes_of_python(llama3):
+  code = ("import hashlib, sys; sys.path.insert(0, 'tests'); import test_data as t; "
+          "from derta_jax.data import tokenize; "
+          "p = t._pipeline(tokenize.load_tokenizer(t._llama3_tokenizer_path())); "
+          "b = p.batch(5); print(hashlib.sha256(b''.join(b[k].tobytes() for k in sorted(b)))"
+          ".hexdigest())")
+  import hashlib
+  import subprocess
+  import sys
+
+  runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(__file__))
+                         ).stdout.strip() for _ in range(2)}
+  b = _pipeline(llama3).batch(5)
+  assert runs == {hashlib.sha256(b"".join(b[k].tobytes() for k in sorted(b))).hexdigest()}
 
 
 # -------------------------------------------------------------------------- pipeline
