@@ -10,6 +10,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# Batch rows are split over both data-parallel axes.
+BATCH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axis (None: replicated). Every parameter axis name appears here.
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
@@ -45,7 +47,6 @@ def param_sharding(name: str, shape: Sequence[int], axes: Sequence[str | None], 
   return NamedSharding(mesh, spec)
 
 
-
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
   """A ("data", "fsdp", "tensor") mesh; one size may be -1 for the remaining devices."""
   devices = list(jax.devices() if devices is None else devices)
@@ -65,3 +66,49 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
                      f"but there are {len(devices)} devices; use -1 for one axis")
   shape = tuple(sizes[a] for a in MESH_AXES)
   return Mesh(mesh_utils.create_device_mesh(shape, devices), MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of [B, T] batch arrays: rows over ("data", "fsdp"), tokens whole."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays sharded over the batch axes (multi-host safe)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def validate(mesh: Mesh, *, global_batch_size: int, model_config) -> None:
+  """Config checks that would otherwise fail inside compilation, with the values."""
+  rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  tensor = mesh.shape["tensor"]
+  problems = []
+  if global_batch_size % rows:
+    problems.append(f"train.global_batch ({global_batch_size}) must divide over mesh.data x "
+                    f"mesh.fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {rows}")
+  if global_batch_size % jax.process_count():
+    problems.append(f"train.global_batch ({global_batch_size}) must divide over "
+                    f"{jax.process_count()} processes")
+  c = model_config
+  for name, value in (("n_heads", c.n_heads), ("n_kv_heads", c.n_kv_heads), ("d_ff", c.d_ff),
+                      ("vocab_size", c.vocab_size)):
+    if value % tensor:
+      problems.append(f"model {name} ({value}) must divide over mesh.tensor ({tensor})")
+  if c.d_model % mesh.shape["fsdp"]:
+    problems.append(f"model d_model ({c.d_model}) must divide over mesh.fsdp "
+                    f"({mesh.shape['fsdp']})")
+  if problems:
+    raise ValueError("; ".join(problems))
+
+
+def initialize_distributed() -> bool:
+  """jax.distributed.initialize() on multi-host runs (Cloud TPU pods, or a coordinator set in
+  the environment); a no-op on one host. Returns whether it initialised."""
+  import os
+
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if "," in hosts or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize()
+    return True
+  return False
