@@ -35,15 +35,54 @@ class LossConfig:
   seed: int = 0
 
 
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
 def param_shardings(params: nnx.State, mesh: Mesh, rules=sharding.DEFAULT_RULES):
-  """NamedShardings of the params from their logical axes."""
+  """NamedShardings of the params from their logical axes, in the params' tree structure."""
   def one(path, var):
     name = "/".join(str(getattr(p, "key", p)) for p in path)
-    return sharding.param_sharding(name, var.shape, var.get_metadata()["out_sharding"], mesh,
-                                   rules)
+    return var.replace(sharding.param_sharding(name, var.shape, var.get_metadata()["out_sharding"],
+                                               mesh, rules))
 
-  return jax.tree_util.tree_map_with_path(one, params,
-                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_var)
+
+
+def state_shardings(params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules=sharding.DEFAULT_RULES):
+  """Shardings of the whole train state: params from their logical axes, each optimizer
+  leaf like the parameter whose tree path ends its own (Adam's mu and nu), the rest
+  (step counts) replicated."""
+  p_shardings = param_shardings(params, mesh, rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  by_path = dict(jax.tree_util.tree_flatten_with_path(p_shardings)[0])
+  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
+
+  def pick(path, leaf):
+    del leaf
+    for i in range(len(path)):
+      if path[i:] in by_path:
+        return by_path[path[i:]]
+    return replicated
+
+  opt = jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, abstract_params))
+  return dict(step=replicated, params=p_shardings, opt_state=opt)
+
+
+def abstract_state(config: llama.LlamaConfig, tx: optax.GradientTransformation,
+                   mesh: Mesh | None = None):
+  """(graphdef, train state of jax.ShapeDtypeStructs, shardings or None): nothing allocated."""
+  graphdef, params = nnx.split(llama.abstract_model(config), nnx.Param)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
+  state = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+               opt_state=jax.eval_shape(tx.init, params))
+  if mesh is None:
+    return graphdef, state, None
+  shardings = state_shardings(nnx.split(llama.abstract_model(config), nnx.Param)[1], tx, mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
+                       shardings)
+  return graphdef, state, shardings
 
 
 def loss_fn(graphdef, params, batch, loss_config: LossConfig, *, counts):
@@ -92,24 +131,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
 
 
 def init_state(model: llama.Llama, tx: optax.GradientTransformation, mesh: Mesh | None = None):
-  """(graphdef, state, state shardings); params fp32, sharded on the mesh when given."""
+  """(graphdef, state, state shardings or None) from a model; params become fp32 masters."""
   graphdef, params = nnx.split(model, nnx.Param)
   params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
   if mesh is None:
-    opt_state = jax.jit(tx.init)(params)
-    state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
-    return graphdef, state, None
-  p_shardings = param_shardings(nnx.state(model, nnx.Param), mesh)
-  params = jax.device_put(params, p_shardings)
-  # Optimizer moments follow their params' shardings through jit's propagation; scalars
-  # (the step count) are replicated over the mesh.
-  replicated = NamedSharding(mesh, PartitionSpec())
-  opt_state = jax.tree.map(
-      lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-      jax.jit(tx.init)(params))
-  state = dict(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
-               opt_state=opt_state)
-  return graphdef, state, jax.tree.map(lambda x: x.sharding, state)
+    return graphdef, dict(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=jax.jit(tx.init)(params)), None
+  shardings = state_shardings(nnx.state(model, nnx.Param), tx, mesh)
+  params = jax.device_put(params, shardings["params"])
+  state = dict(step=jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]), params=params,
+               opt_state=jax.jit(tx.init, out_shardings=shardings["opt_state"])(params))
+  return graphdef, state, shardings
 
 
 def jit_train_step(train_step, state_shardings, mesh: Mesh | None):
