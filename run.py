@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -14,6 +14,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # Orbax and JAX are chatty at INFO
+    logging.set_verbosity(logging.WARNING)
   from derta_jax import main as derta_main  # after flag parsing, so --help is fast
 
   config_name = Path(flags.FLAGS["config"].config_filename).stem

@@ -1,12 +1,15 @@
-"""LLaMA-3-8B on a Cloud TPU slice, from a Hugging Face checkpoint.
+"""LLaMA-3-8B DeRTa full fine-tune on a Cloud TPU slice, with the paper's hyper-parameters.
 
-  python run.py --config=configs/llama3_tpu.py \
-      --config.init.hf_path=/path/to/Meta-Llama-3-8B --workdir=/tmp/llama3
+  python run.py --config=configs/llama3_tpu.py --workdir=gs://bucket/llama3_derta \
+      --config.init.hf_path=/path/to/Meta-Llama-3-8B \
+      --config.data.triples_path=beaver_triples.jsonl \
+      --config.data.helpful_path=wizardlm_60k.jsonl
 
-Until sharded training lands (issue #5) this runs `mode=export`: the checkpoint is read
-straight onto the ("data", "fsdp", "tensor") mesh (each host reads only its shards),
-written back as HF safetensors to <workdir>/hf, reloaded and compared. It
-prints one JSON line with "reload_max_abs_param_diff": 0.0.
+lr 2e-5 cosine with 3% warmup, weight decay 2e-5, 2 epochs, global batch 128, seq 1024,
+grad-norm clip 1.0, bf16 compute with fp32 master weights, 5% of RTO targets kept per
+example, refusal token "Sorry" (19701). Data: helpful + 3,000 RTO + 3,000 harmful-prefix.
+Check it compiles and fits first:  --config.mode=compile --config.compile.topology=v5p:4x4x4
+`:export` re-exports the checkpoint (the round trip of issue #2).
 """
 
 import ml_collections
@@ -15,19 +18,32 @@ from configs import toy_cpu
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg  # no variants yet
-  config = toy_cpu.get_config()
+  config = toy_cpu.get_config(arg)
   # LLaMA-3-8B; use "llama3_1_8b" for LLaMA-3.1 (rope scaling, 128k context).
   config.model.preset = "llama3_8b"
   # bf16 matmuls on the MXU; parameters stay fp32 (master weights).
   config.model.dtype = "bfloat16"
   # Recompute each layer's activations in the backward pass, keeping matmul outputs.
   config.model.remat = "dots_no_batch"
-  # The HF checkpoint directory (config.json + *.safetensors); set it on the command line.
-  # Left "", a randomly initialised model.preset is exported instead.
-  config.init.hf_path = ""
   # All chips on FSDP; tensor parallelism pays off only beyond ~256 chips for 8B.
   config.mesh.fsdp = -1
+  config.data.source = "recipe"
+  config.data.recipe = "derta"
+  config.data.n_rto = -1
+  config.data.n_prefix = -1
+  # The authors append this text to every response; LLaMA-3 reads it as EOS.
+  config.data.eos_text = "<|end_of_text|>"
+  config.loss.rto_keep_rate = 0.05
+  config.train.num_steps = 0
+  config.train.epochs = 2.0
+  config.train.global_batch = 128
+  config.train.seq_len = 1024
+  config.train.log_every = 10
+  config.optim.lr = 2e-5
+  config.optim.warmup_ratio = 0.03
+  config.optim.weight_decay = 2e-5
+  config.ckpt.every_steps = 200
+  config.ckpt.max_to_keep = 3
   # Export in bf16, as Meta ships LLaMA-3.
   config.export.dtype = "bfloat16"
   return config

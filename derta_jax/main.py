@@ -17,13 +17,34 @@ from derta_jax import sharding
 from derta_jax.checkpoints import hf
 from derta_jax.models import llama
 
-MODES = ("export",)
+MODES = ("train", "export", "compile")
 
 
 def model_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
   m = config.model
   return llama.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype,
                       scan_layers=m.scan_layers, remat=m.remat)
+
+
+def config_mesh(config: ml_collections.ConfigDict):
+  """The mesh of config.mesh over all devices, or the first mesh.num_devices of them."""
+  m = config.mesh
+  devices = jax.devices()
+  if m.get("num_devices", -1) != -1:
+    if not 1 <= m.num_devices <= len(devices) or jax.process_count() > 1:
+      raise ValueError(f"mesh.num_devices={m.num_devices}: choose -1 or 1..{len(devices)} "
+                       "(single-process runs only)")
+    devices = devices[:m.num_devices]
+  return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+
+
+def resolved_model_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
+  """The architecture that build_model will give: the checkpoint's when model.preset is ""."""
+  m = config.model
+  if config.init.hf_path and not m.preset:
+    return hf.read_config(config.init.hf_path, dtype=m.dtype, param_dtype=m.param_dtype,
+                          scan_layers=m.scan_layers, remat=m.remat)
+  return model_config(config)
 
 
 _ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
@@ -56,7 +77,7 @@ def build_model(config: ml_collections.ConfigDict, mesh=None) -> llama.Llama:
 
 def export(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   """Write the model as an HF checkpoint in `<workdir>/hf`; reloading must give it back."""
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  mesh = config_mesh(config)
   start = time.perf_counter()
   model = build_model(config, mesh)
   out = workdir / "hf"
@@ -89,6 +110,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   logging.info("mode=%s workdir=%s devices=%s", config.mode, workdir, jax.devices())
-  summary = {"export": export}[config.mode](config, workdir)
-  print(json.dumps(summary, default=lambda x: np.asarray(x).tolist()))
+  if config.mode == "compile":
+    from derta_jax import aot
+
+    summary = aot.compile_report(config, workdir)
+  else:
+    from derta_jax import train
+
+    summary = {"export": export, "train": train.run}[config.mode](config, workdir)
+  if jax.process_index() == 0:
+    print(json.dumps(summary, default=lambda x: np.asarray(x).tolist()))
+  if config.mode == "compile" and not summary["fits"]:
+    raise SystemExit(f"does not fit: {summary['total_bytes']} bytes per device > "
+                     f"{summary['hbm_bytes']} of HBM on {summary['topology']}")
   return summary

@@ -9,16 +9,23 @@ accumulation over micro-batches gives the full-batch gradient.
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from derta_jax import losses, optim, sharding
+from derta_jax import data, losses, optim, sharding
+from derta_jax import metrics as metrics_lib
+from derta_jax.checkpoints import hf, orbax
+from derta_jax.data import pipeline, synthetic
 from derta_jax.models import llama
 
 
@@ -152,3 +159,139 @@ def jit_train_step(train_step, state_shardings, mesh: Mesh | None):
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(train_step, in_shardings=(state_shardings, rows),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------------------
+# The loop.
+
+
+def build_data(config, workdir: Path):
+  """(tokenizer, recipe(epoch) -> examples, refusal ids) from config.data and config.loss."""
+  d = config.data
+  if d.source == "synthetic":
+    helpful, triples = synthetic.make_sources(seed=config.seed, n_helpful=d.synthetic_helpful,
+                                              n_triples=d.synthetic_triples)
+    tokenizer_path = d.tokenizer_path or synthetic.write_tokenizer(workdir / "tokenizer")
+  elif d.source == "recipe":
+    helpful = data.load_helpful(d.helpful_path) if d.helpful_path else []
+    triples = data.load_triples(d.triples_path)
+    tokenizer_path = d.tokenizer_path or config.init.hf_path
+  elif d.source == "upstream":
+    examples = [ex for path in d.upstream_path.split(",") for ex in data.load_upstream(path)]
+    tokenizer_path = d.tokenizer_path or config.init.hf_path
+  else:
+    raise ValueError(f"data.source={d.source!r}; choose 'synthetic', 'recipe' or 'upstream'")
+  if not tokenizer_path:
+    raise ValueError("data.tokenizer_path is unset and so is init.hf_path: no tokenizer")
+  tokenizer = data.load_tokenizer(tokenizer_path)
+  ids = (tuple(config.loss.refusal_ids) if config.loss.refusal_ids else
+         data.refusal_ids(tokenizer, d.refusal_text, policy=d.refusal_policy))
+  if d.source == "upstream":
+    return tokenizer, (lambda epoch: examples), ids
+  counts = {k: v for k, v in (("rto", d.n_rto), ("prefix", d.n_prefix),
+                              ("vanilla", d.n_vanilla)) if v >= 0 and k in
+            dict(data.RECIPES.get(d.recipe, ()))}
+
+  def recipe(epoch):
+    return data.build_recipe(d.recipe, triples=triples, helpful=helpful, seed=config.seed,
+                             epoch=epoch, counts=counts, template=d.template,
+                             eos_text=d.eos_text or tokenizer.decode([tokenizer.eos_id]),
+                             prefix_mode=d.prefix_mode, static=d.static_prefix)
+
+  return tokenizer, recipe, ids
+
+
+def _finite_or_raise(step: int, metrics: dict, ckpt: orbax.Checkpointer) -> None:
+  if not math.isfinite(metrics["loss"]):
+    raise FloatingPointError(
+        f"loss is {metrics['loss']} at step {step}; stopped without saving. The last good "
+        f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+
+
+def run(config, workdir: Path) -> dict:
+  """Train per config; resume from <workdir>/checkpoints; export <workdir>/hf at the end."""
+  from derta_jax import main as derta_main
+
+  sharding.initialize_distributed()
+  t = config.train
+  mesh = derta_main.config_mesh(config)
+  model_config = derta_main.resolved_model_config(config)
+  sharding.validate(mesh, global_batch_size=t.global_batch, model_config=model_config)
+  tokenizer, recipe, refusal = build_data(config, workdir)
+  if tokenizer.vocab_size > model_config.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                     f"vocab_size {model_config.vocab_size}")
+  pipe = pipeline.Pipeline(recipe, tokenizer, seq_len=t.seq_len, global_batch=t.global_batch,
+                           seed=config.seed, refusal_ids=refusal, pack=config.data.pack)
+  num_steps = t.num_steps if t.num_steps > 0 else int(t.epochs * pipe.steps_in_epoch(0))
+  o = config.optim
+  tx, schedule = optim.make_optimizer(
+      lr=o.lr, num_steps=num_steps, schedule=o.schedule, warmup_ratio=o.warmup_ratio,
+      b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm)
+  loss_config = LossConfig(refusal_ids=tuple(refusal), rto_weight=config.loss.rto_weight,
+                           normalize=config.loss.normalize, z_loss=config.loss.z_loss,
+                           chunk_size=config.loss.chunk_size,
+                           rto_keep_rate=config.loss.rto_keep_rate, seed=config.seed)
+
+  ckpt = orbax.Checkpointer(workdir, every_steps=config.ckpt.every_steps,
+                            max_to_keep=config.ckpt.max_to_keep or None)
+  if ckpt.latest_step() is not None:
+    graphdef, abstract, shardings = abstract_state(model_config, tx, mesh)
+    state, start = ckpt.restore(abstract)
+    logging.info("resumed from step %d in %s", start, ckpt.directory)
+  else:
+    model = derta_main.build_model(config, mesh)
+    graphdef, state, shardings = init_state(model, tx, mesh)
+    if config.init.orbax_path:
+      state["params"] = orbax.load_params(config.init.orbax_path, jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+          state["params"]))
+    start = 0
+  step_fn = jit_train_step(make_train_step(graphdef, tx, schedule, loss_config,
+                                           micro_batches=t.micro_batches), shardings, mesh)
+  logger = metrics_lib.MetricsLogger(workdir, total_steps=num_steps, start_step=start,
+                                     enabled=jax.process_index() == 0)
+  ckpt.install_signal_handler()
+  pending, last = None, {}
+  clock = time.perf_counter()
+
+  def fetch(entry):
+    nonlocal clock
+    step, metrics_dev, tokens = entry
+    metrics = {k: float(v) for k, v in jax.device_get(metrics_dev).items()}
+    now = time.perf_counter()
+    metrics["tokens_per_s"] = tokens / max(now - clock, 1e-9)
+    clock = now
+    _finite_or_raise(step, metrics, ckpt)
+    logger.log(step, metrics, write=step % t.log_every == 0 or step == num_steps)
+    return metrics
+
+  try:
+    for step in range(start, num_steps):
+      local = pipe.batch(step)
+      tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
+      state, metrics_dev = step_fn(state, sharding.global_batch(local, mesh))
+      if pending is not None:  # the previous step's metrics, read while this one runs
+        last = fetch(pending)
+      pending = (step + 1, metrics_dev, tokens)
+      stop = ckpt.should_stop(step + 1)
+      if stop or (step + 1) % config.ckpt.every_steps == 0 or step + 1 == num_steps:
+        last, pending = fetch(pending), None  # never save a state whose loss is not finite
+        ckpt.save(step + 1, state, config=config.to_dict(), force=True)
+      if stop:
+        logging.warning("stop requested: saved step %d", step + 1)
+        break
+    if pending is not None:
+      last = fetch(pending)
+    ckpt.wait()
+  finally:
+    logger.close()
+    ckpt.close()
+  summary = dict(mode="train", steps=int(jax.device_get(state["step"])), num_steps=num_steps,
+                 **{k: last[k] for k in ("loss", "mle_loss", "rto_loss") if k in last})
+  if int(summary["steps"]) == num_steps:
+    model = nnx.merge(graphdef, state["params"])
+    hf.save_hf(model, workdir / "hf", dtype=config.export.dtype or None,
+               max_shard_bytes=int(config.export.max_shard_mb * 2**20))
+    summary["hf_dir"] = str(workdir / "hf")
+  return summary

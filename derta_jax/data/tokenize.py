@@ -171,7 +171,8 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Tokenizer,
   cache = {} if cache is None else cache
   texts = sorted({s for e in examples for s in (e.prompt, e.harmful_prefix, e.response)}
                  - cache.keys())
-  cache.update(zip(texts, tokenizer.encode_batch(texts), strict=True))
+  if texts:
+    cache.update(zip(texts, tokenizer.encode_batch(texts), strict=True))
   return [(cache[e.prompt], cache[e.harmful_prefix], cache[e.response]) for e in examples]
 
 
