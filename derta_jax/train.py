@@ -208,10 +208,34 @@ def _finite_or_raise(step: int, metrics: dict, ckpt: orbax.Checkpointer) -> None
         f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
 
 
+def check_config(config) -> None:
+  """Value checks of train/loss keys that would otherwise fail mid-run or inside jit."""
+  t, lo = config.train, config.loss
+  problems = []
+  if lo.normalize not in losses.NORMALIZE:
+    problems.append(f"loss.normalize={lo.normalize!r}; choose one of {losses.NORMALIZE}")
+  if not 0.0 < lo.rto_keep_rate <= 1.0:
+    problems.append(f"loss.rto_keep_rate={lo.rto_keep_rate} must be in (0, 1]")
+  if lo.chunk_size < 1:
+    problems.append(f"loss.chunk_size={lo.chunk_size} must be >= 1")
+  if t.micro_batches < 1 or t.global_batch % t.micro_batches:
+    problems.append(f"train.micro_batches ({t.micro_batches}) must divide train.global_batch "
+                    f"({t.global_batch})")
+  if t.num_steps < 0 or (t.num_steps == 0 and t.epochs <= 0):
+    problems.append(f"train.num_steps={t.num_steps}, train.epochs={t.epochs}: set a positive "
+                    "num_steps, or num_steps=0 and epochs > 0")
+  if t.log_every < 1 or config.ckpt.every_steps < 1:
+    problems.append(f"train.log_every ({t.log_every}) and ckpt.every_steps "
+                    f"({config.ckpt.every_steps}) must be >= 1")
+  if problems:
+    raise ValueError("; ".join(problems))
+
+
 def run(config, workdir: Path) -> dict:
   """Train per config; resume from <workdir>/checkpoints; export <workdir>/hf at the end."""
   from derta_jax import main as derta_main
 
+  check_config(config)
   sharding.initialize_distributed()
   t = config.train
   mesh = derta_main.config_mesh(config)

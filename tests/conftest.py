@@ -1,10 +1,15 @@
-"""8 fake CPU devices (set before JAX is imported) and tiny random HF checkpoints."""
+"""8 fake CPU devices (set before JAX is imported), a compilation cache shared by the test
+processes (training runs recompile identical programs), and tiny random HF checkpoints."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="derta_jax_xla_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,427 @@
+"""Ahead-of-time compile of the train step for a TPU topology: memory fit and a cost estimate.
+
+  python run.py --config=configs/llama3_tpu.py --config.mode=compile \
+      --config.compile.topology=v5p:4x4x4
+
+Needs libtpu (requirements-tpu.txt) but no TPU: the devices come from
+`jax.experimental.topologies`, the train state and batch are ShapeDtypeStructs, and nothing
+is allocated. The compiled HLO goes to <workdir>/compile/<topology>.hlo.txt.
+
+The step time adds up the TPU compiler's own per-instruction estimates ("estimated_cycles"
+in the backend config of each fusion, copy, ...), with every while-loop body counted as
+often as the loop runs. Collectives carry no estimate, so the time assumes they hide
+behind compute; `collective_bytes_per_device` says how much data they handle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from derta_jax import optim, sharding, train
+from derta_jax.data import tokenize
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One TPU generation: HBM, clock and dense bf16 FLOP/s, all per chip."""
+
+  device_kind: str
+  hbm_bytes: int
+  clock_hz: float
+  peak_flops: float
+
+
+# HBM and peak bf16 FLOP/s: the Cloud TPU system-architecture pages
+# (cloud.google.com/tpu/docs/v4, /v5e, /v5p): v4 32 GiB, 275 TFLOP/s; v5e 16 GiB, 197;
+# v5p 95 GiB, 459. Clock = peak / (MXUs x 128 x 128 x 2 FLOPs a cycle), with 8 MXUs a chip
+# on v4 and v5p (2 TensorCores x 4) and 4 on v5e: 1.05, 1.50 and 1.75 GHz.
+CHIPS = {
+    "v4": Chip("TPU v4", 32 * 2**30, 1.05e9, 275e12),
+    "v5e": Chip("TPU v5 lite", 16 * 2**30, 1.5e9, 197e12),
+    "v5p": Chip("TPU v5", 95 * 2**30, 1.75e9, 459e12),
+}
+# The refusal id changes no shape: LLaMA-3's "Sorry" when the config leaves it to the data.
+_DEFAULT_REFUSAL_IDS = (19701,)
+
+
+def topology_devices(topology: str) -> tuple[Chip, list]:
+  """(chip, devices) of a topology name like "v5p:4x4x4"; no TPU needed, libtpu is."""
+  match = re.fullmatch(r"(v\d+[a-z]*):(\d+(?:x\d+)+)", topology)
+  if match is None or match.group(1) not in CHIPS:
+    raise ValueError(f"compile.topology={topology!r}; expected <chip>:<shape> with chip one "
+                     f"of {sorted(CHIPS)}, e.g. 'v5p:4x4x4' or 'v5e:16x16'")
+  from jax.experimental import topologies
+
+  try:
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+  except Exception as e:  # libtpu raises its own runtime error types
+    raise ValueError(f"compile.topology={topology!r}: {e}") from None
+  chip = CHIPS[match.group(1)]
+  if devices[0].device_kind != chip.device_kind:
+    raise ValueError(f"compile.topology={topology!r} gave {devices[0].device_kind!r} devices, "
+                     f"expected {chip.device_kind!r}")
+  return chip, list(devices)
+
+
+# ----------------------------------------------------------------------------------------
+# Compiled-HLO text -> cost. Pure functions of the text, so tests use hand-written HLO.
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+  name: str
+  shape: str
+  opcode: str
+  operands: tuple[str, ...]
+  attrs: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Computation:
+  instructions: dict[str, Instruction]
+  root: str
+
+
+_HEADER = re.compile(r"(ENTRY\s+)?%?([^\s(]+)\s*\(.*->.*\{\s*$")
+_ASSIGN = re.compile(r"\s+(ROOT\s+)?%?([^\s=]+)\s*=\s*")
+_OPCODE = re.compile(r"\s*([\w-]+)\(")
+_ARRAY = re.compile(r"\b([a-z]+\d*[a-z\d]*)\[([\d,]*)\]")
+_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16,
+         "bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64,
+         "c64": 64, "c128": 128}
+_COLLECTIVES = {"all-gather", "all-gather-start", "all-reduce", "all-reduce-start",
+                "reduce-scatter", "all-to-all", "ragged-all-to-all", "collective-permute",
+                "collective-permute-start", "collective-broadcast"}
+_FLIP = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE", "NE": "NE"}
+
+
+def _close(text: str, start: int) -> int:
+  """Index after the bracket that closes the one at text[start]."""
+  depth = 0
+  for i in range(start, len(text)):
+    depth += (text[i] in "([{") - (text[i] in ")]}")
+    if depth == 0:
+      return i + 1
+  raise ValueError(f"unbalanced brackets in HLO line: {text[:200]!r}")
+
+
+def _split_top(text: str) -> list[str]:
+  parts, depth, start = [], 0, 0
+  for i, c in enumerate(text):
+    depth += (c in "([{") - (c in ")]}")
+    if c == "," and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  return [p.strip() for p in parts + [text[start:]] if p.strip()]
+
+
+def _instruction(line: str) -> tuple[bool, Instruction] | None:
+  assign = _ASSIGN.match(line)
+  if assign is None:
+    return None
+  pos = assign.end()
+  end = _close(line, pos) if line[pos] == "(" else line.index(" ", pos)
+  opcode = _OPCODE.match(line, end)
+  args_end = _close(line, opcode.end() - 1)
+  operands = tuple(p.split()[-1].lstrip("%")
+                   for p in _split_top(line[opcode.end():args_end - 1]))
+  return bool(assign.group(1)), Instruction(assign.group(2), line[pos:end], opcode.group(1),
+                                            operands, line[args_end:])
+
+
+def parse_hlo(hlo_text: str) -> tuple[dict[str, Computation], str]:
+  """(computations by name, entry name) of an HLO module's text."""
+  comps, entry, current, root = {}, None, None, None
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header:
+      current, root = {}, None
+      name = header.group(2)
+      entry = name if header.group(1) else entry
+    elif current is not None and line.startswith("}"):
+      comps[name] = Computation(current, root or next(reversed(current)))
+      current = None
+    elif current is not None and (parsed := _instruction(line)):
+      is_root, ins = parsed
+      current[ins.name] = ins
+      root = ins.name if is_root else root
+  if entry is None:
+    raise ValueError("no ENTRY computation in the HLO text")
+  return comps, entry
+
+
+def _attr(ins: Instruction, key: str) -> str | None:
+  match = re.search(rf"\b{key}=%?([^\s,]+)", ins.attrs)
+  return match.group(1) if match else None
+
+
+def _number(ins: Instruction, key: str) -> float | None:
+  match = re.search(rf'"{key}":\s*"?(\d+(?:\.\d+)?)', ins.attrs)
+  return float(match.group(1)) if match else None
+
+
+def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+  return [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in _ARRAY.findall(shape)]
+
+
+def _largest_bytes(shape: str) -> float:
+  return max((math.prod(d) * _BITS.get(t, 32) / 8 for t, d in _arrays(shape)), default=0.0)
+
+
+def _matmul_flops(comp: Computation, ins: Instruction) -> float:
+  """2 x output elements x products per element, for dot and convolution."""
+  out = math.prod(_arrays(ins.shape)[0][1])
+  if ins.opcode == "dot":
+    lhs = _arrays(comp.instructions[ins.operands[0]].shape)[0][1]
+    dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs).group(1)
+    return 2.0 * out * math.prod(lhs[int(d)] for d in dims.split(",") if d)
+  rhs = _arrays(comp.instructions[ins.operands[1]].shape)[0][1]
+  rhs_labels = re.search(r"dim_labels=\w*_(\w+)->", ins.attrs).group(1)
+  return 2.0 * out * math.prod(rhs) / rhs[rhs_labels.index("o")]
+
+
+def _scalar(comps, comp_name, name, outer=None):
+  """A loop counter's pieces: ("const", v), ("element", tuple index), ("add", elem, const)."""
+  comp = comps[comp_name]
+  ins = comp.instructions[name]
+  while ins.opcode in ("copy", "bitcast", "convert", "reshape"):
+    ins = comp.instructions[ins.operands[0]]
+  if ins.opcode == "constant":
+    try:
+      return ("const", int(ins.operands[0]))
+    except ValueError:
+      return None
+  if ins.opcode == "parameter" and outer is not None:  # inside a fusion: the caller's operand
+    return _scalar(comps, outer[0], outer[1][int(ins.operands[0])])
+  if (ins.opcode == "get-tuple-element"
+      and comp.instructions[ins.operands[0]].opcode == "parameter"):
+    return ("element", int(_attr(ins, "index")))
+  if ins.opcode == "fusion":
+    fused = _attr(ins, "calls")
+    return _scalar(comps, fused, comps[fused].root, (comp_name, ins.operands))
+  if ins.opcode in ("add", "compare"):
+    args = tuple(_scalar(comps, comp_name, o, outer) for o in ins.operands)
+    if ins.opcode == "compare":
+      return ("compare", _attr(ins, "direction"), *args)
+    consts = [a[1] for a in args if a and a[0] == "const"]
+    elems = [a for a in args if a and a[0] == "element"]
+    return ("add", elems[0][1], consts[0]) if len(consts) == 1 and len(elems) == 1 else None
+  return None
+
+
+def trip_count(comps: dict[str, Computation], caller: str, loop: Instruction) -> int | None:
+  """How often a while loop runs: XLA's known_trip_count, else `i < n` with i += step."""
+  known = re.search(r'"known_trip_count":\{"n":"?(\d+)', loop.attrs)
+  if known:
+    return int(known.group(1))
+  cond, body = _attr(loop, "condition"), _attr(loop, "body")
+  test = _scalar(comps, cond, comps[cond].root)
+  if not test or test[0] != "compare" or None in test[2:]:
+    return None
+  direction, lhs, rhs = test[1:]
+  if lhs[0] == "const":
+    direction, lhs, rhs = _FLIP[direction], rhs, lhs
+  if lhs[0] != "element" or rhs[0] != "const" or direction not in ("LT", "LE", "NE"):
+    return None
+  index, limit = lhs[1], rhs[1] + (direction == "LE")
+  init_tuple = comps[caller].instructions[loop.operands[0]]
+  body_root = comps[body].instructions[comps[body].root]
+  if init_tuple.opcode != "tuple" or body_root.opcode != "tuple":
+    return None
+  init = _scalar(comps, caller, init_tuple.operands[index])
+  step = _scalar(comps, body, body_root.operands[index])
+  if not init or init[0] != "const" or not step or step[:2] != ("add", index) or step[2] < 1:
+    return None
+  return max(0, -(-(limit - init[1]) // step[2]))
+
+
+@dataclasses.dataclass
+class HloCost:
+  """Per-device totals of a compiled program, loop bodies counted once per iteration."""
+
+  cycles: float = 0.0  # sum of the compiler's estimated_cycles
+  flops: float = 0.0  # dot, convolution and custom-call FLOPs
+  unestimated_flops: float = 0.0  # FLOPs in fusions and custom calls with no cycle estimate
+  collective_bytes: float = 0.0  # largest buffer of each collective
+  untimed: int = 0  # instructions with no estimate, no FLOPs and a result of >= 4 KiB
+  unknown_loops: int = 0  # while loops of unknown trip count: counted once
+
+  def __add__(self, other: HloCost) -> HloCost:
+    return HloCost(*(getattr(self, f.name) + getattr(other, f.name)
+                     for f in dataclasses.fields(self)))
+
+  def times(self, k: float) -> HloCost:
+    """Floats scaled by k (a loop's trips); the counts of problems stay counts."""
+    return dataclasses.replace(self, cycles=self.cycles * k, flops=self.flops * k,
+                               unestimated_flops=self.unestimated_flops * k,
+                               collective_bytes=self.collective_bytes * k)
+
+
+# Instructions that move or name data without costing time of their own, or whose cost is
+# their callee's.
+_FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while",
+         "conditional", "call", "call-start", "call-done", "async-start", "async-update",
+         "async-done", "copy-start", "copy-done", "all-gather-done", "all-reduce-done",
+         "collective-permute-done", "after-all", "partition-id", "replica-id", "opt-barrier"}
+
+
+def _estimated_cycles(ins: Instruction) -> float | None:
+  cycles = _number(ins, "estimated_cycles")
+  # INT64_MAX marks "no estimate" (seen on SparseCore offloads).
+  return None if cycles is None or cycles >= 2.0**62 else cycles
+
+
+def _computation_cost(comps, name, memo) -> HloCost:
+  if name in memo:
+    return memo[name]
+  comp, total = comps[name], HloCost()
+  for ins in comp.instructions.values():
+    own = _estimated_cycles(ins)
+    cost = HloCost(cycles=own or 0.0)
+    if ins.opcode in ("dot", "convolution"):
+      cost.flops = _matmul_flops(comp, ins)
+    elif ins.opcode == "custom-call" and own is None:
+      cost.flops = cost.unestimated_flops = _number(ins, "flops") or 0.0  # Pallas cost_estimate
+    elif ins.opcode in _COLLECTIVES:
+      cost.collective_bytes = _largest_bytes(ins.shape)
+    if ins.opcode == "while":
+      trips = trip_count(comps, name, ins)
+      cost.unknown_loops = int(trips is None)
+      trips = 1 if trips is None else trips
+      cost += (_computation_cost(comps, _attr(ins, "body"), memo).times(trips)
+               + _computation_cost(comps, _attr(ins, "condition"), memo).times(trips + 1))
+    elif ins.opcode == "conditional":
+      branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+      names = ([b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches else
+               [_attr(ins, "true_computation"), _attr(ins, "false_computation")])
+      cost += max((_computation_cost(comps, b, memo) for b in names), key=lambda c: c.cycles)
+    elif ins.opcode in ("fusion", "call", "async-start"):
+      inner = _computation_cost(comps, _attr(ins, "to_apply" if ins.opcode == "call"
+                                             else "calls"), memo)
+      if own is not None:  # the estimate covers everything the instruction calls
+        inner = dataclasses.replace(inner, cycles=0.0, unestimated_flops=0.0, untimed=0)
+      elif ins.opcode == "fusion":  # timed at peak FLOP/s; counted once if untimed
+        inner = dataclasses.replace(inner, unestimated_flops=inner.flops, untimed=0)
+      cost += inner
+    if (own is None and not cost.flops and not cost.collective_bytes
+        and ins.opcode not in _FREE and _largest_bytes(ins.shape) >= 4096):
+      cost.untimed += 1
+    total += cost
+  memo[name] = total
+  return total
+
+
+def hlo_cost(hlo_text: str) -> HloCost:
+  """The cost of one run of the entry computation of compiled HLO text."""
+  comps, entry = parse_hlo(hlo_text)
+  return _computation_cost(comps, entry, {})
+
+
+def step_seconds(cost: HloCost, chip: Chip, devices_per_chip: int = 1) -> float:
+  """Estimated cycles at the chip's clock, plus unestimated custom calls at peak FLOP/s."""
+  return cost.cycles / chip.clock_hz + cost.unestimated_flops * devices_per_chip / chip.peak_flops
+
+
+# ----------------------------------------------------------------------------------------
+# The report.
+
+
+def model_flops_per_step(model_config, tokens: int, seq_len: int) -> float:
+  """MaxText's convention: 6 N per token for the weights plus 12 L T D for attention."""
+  c = model_config
+  return 6.0 * c.num_params() * tokens + 12.0 * c.n_layers * seq_len * c.d_model * tokens
+
+
+def summarize(*, topology: str, chip: Chip, devices: int, devices_per_chip: int,
+              global_batch: int, seq_len: int, memory, cost: HloCost, xla_flops: float,
+              model_flops: float, compile_seconds: float) -> dict:
+  """The report's figures; `memory` is `compiled.memory_analysis()`, per device."""
+  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+           + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  hbm = chip.hbm_bytes // devices_per_chip
+  seconds = step_seconds(cost, chip, devices_per_chip)
+  chips = devices // devices_per_chip
+  tokens = global_batch * seq_len
+  return {
+      "topology": topology, "devices": devices, "chips": chips, "global_batch": global_batch,
+      "seq_len": seq_len, "argument_bytes": memory.argument_size_in_bytes,
+      "output_bytes": memory.output_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
+      "alias_bytes": memory.alias_size_in_bytes, "total_bytes": total, "hbm_bytes": hbm,
+      "fits": total <= hbm, "flops_per_device": xla_flops,
+      "flops_per_device_unrolled": cost.flops,
+      "collective_bytes_per_device": cost.collective_bytes,
+      "estimated_step_seconds": seconds, "model_flops_per_step": model_flops,
+      "estimated_mfu": model_flops / (seconds * chips * chip.peak_flops) if seconds else None,
+      "estimated_tokens_per_s_per_chip": tokens / seconds / chips if seconds else None,
+      "untimed_ops": cost.untimed,
+      "unknown_trip_count_loops": cost.unknown_loops,
+      "compile_seconds": round(compile_seconds, 1),
+  }
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices):
+  """The run's jitted train step lowered for `devices` and compiled: (compiled, model config)."""
+  from derta_jax import main
+
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                            devices=devices)
+  model_config = main.model_config(config)
+  t, o, loss = config.train, config.optim, config.loss
+  sharding.validate(mesh, global_batch_size=t.global_batch, model_config=model_config)
+  # num_steps only sizes the learning-rate table; 0 (= from the data) compiles the same.
+  tx, schedule = optim.make_optimizer(
+      lr=o.lr, num_steps=max(1, t.num_steps), schedule=o.schedule,
+      warmup_ratio=o.warmup_ratio, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+      b1=o.b1, b2=o.b2, eps=o.eps)
+  graphdef, state, shardings = train.abstract_state(model_config, tx, mesh)
+  loss_config = train.LossConfig(
+      refusal_ids=tuple(loss.refusal_ids) or _DEFAULT_REFUSAL_IDS, rto_weight=loss.rto_weight,
+      normalize=loss.normalize, z_loss=loss.z_loss, chunk_size=loss.chunk_size,
+      rto_keep_rate=loss.rto_keep_rate, seed=config.seed)
+  step = train.make_train_step(graphdef, tx, schedule, loss_config,
+                               micro_batches=t.micro_batches)
+  rows = sharding.batch_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct((t.global_batch, t.seq_len), jnp.int32, sharding=rows)
+           for k in tokenize.ARRAYS}
+  compiled = train.jit_train_step(step, shardings, mesh).lower(state, batch).compile()
+  return compiled, model_config
+
+
+def compile_report(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Compile the train step for config.compile.topology; write the HLO; return the figures."""
+  topology = config.compile.topology
+  chip, devices = topology_devices(topology)
+  start = time.perf_counter()
+  compiled, model_config = compile_train_step(config, devices)
+  compile_seconds = time.perf_counter() - start
+  hlo = compiled.as_text()
+  out = Path(workdir) / "compile" / f"{topology.replace(':', '_')}.hlo.txt"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(hlo)
+  devices_per_chip = len(devices) // len({tuple(d.coords) for d in devices})
+  tokens = config.train.global_batch * config.train.seq_len
+  report = summarize(
+      topology=topology, chip=chip, devices=len(devices), devices_per_chip=devices_per_chip,
+      global_batch=config.train.global_batch, seq_len=config.train.seq_len,
+      memory=compiled.memory_analysis(), cost=hlo_cost(hlo),
+      xla_flops=float(compiled.cost_analysis().get("flops", 0.0)),
+      model_flops=model_flops_per_step(model_config, tokens, config.train.seq_len),
+      compile_seconds=compile_seconds)
+  return dict(report, remat=model_config.remat, micro_batches=config.train.micro_batches,
+              mesh=config.mesh.to_dict(), hlo_path=str(out))
+
+
+def main_compile(config: ml_collections.ConfigDict, workdir: str | Path) -> int:
+  """Print the report as one JSON line; the exit status: 0 if it fits, else 1."""
+  report = compile_report(config, workdir)
+  print(json.dumps(report))
+  return 0 if report["fits"] else 1

@@ -1,0 +1,172 @@
+"""AOT compile report: the HLO cost walk on hand-written HLO, the report's arithmetic, and one
+real compile of the tiny train step on the CPU devices (TPU topologies need libtpu)."""
+
+import types
+
+import jax
+import pytest
+
+from configs import toy_cpu
+from derta_jax import aot
+from derta_jax.models import llama
+
+
+def _fusion(name, cycles, shape="f32[128,128]{1,0}"):
+  return (f'  %{name} = {shape} fusion(%p), kind=kLoop, calls=%fused, '
+          f'backend_config={{"window_config":{{"estimated_cycles":"{cycles}"}}}}')
+
+
+FUSED = """%fused (x: f32[128,128]) -> f32[128,128] {
+  ROOT %x = f32[128,128]{1,0} parameter(0)
+}
+"""
+
+
+def _loop(name, body_lines, *, trips, known=True, init=0, compare="LT"):
+  """A counted loop `name` over (s32[], f32[128,128]): its body and condition computations."""
+  body = "\n".join([
+      f"%{name}_body (t: (s32[], f32[128,128])) -> (s32[], f32[128,128]) {{",
+      "  %t = (s32[], f32[128,128]{1,0}) parameter(0)",
+      "  %i = s32[] get-tuple-element(%t), index=0",
+      "  %one = s32[] constant(1)",
+      "  %next = s32[] add(%i, %one)",
+      "  %p = f32[128,128]{1,0} get-tuple-element(%t), index=1",
+      *body_lines,
+      "  ROOT %out = (s32[], f32[128,128]{1,0}) tuple(%next, %p)",
+      "}"])
+  cond = "\n".join([
+      f"%{name}_cond (c: (s32[], f32[128,128])) -> pred[] {{",
+      "  %c = (s32[], f32[128,128]{1,0}) parameter(0)",
+      "  %j = s32[] get-tuple-element(%c), index=0",
+      f"  %n = s32[] constant({init + trips})",
+      f"  ROOT %lt = pred[] compare(%j, %n), direction={compare}",
+      "}"])
+  config = f', backend_config={{"known_trip_count":{{"n":"{trips}"}}}}' if known else ""
+  call = "\n".join([
+      f"  %{name}_zero = s32[] constant({init})",
+      f"  %{name}_start = s32[] copy(%{name}_zero)",
+      f"  %{name}_init = (s32[], f32[128,128]{{1,0}}) tuple(%{name}_start, %p)",
+      f"  %{name} = (s32[], f32[128,128]{{1,0}}) while(%{name}_init), "
+      f"condition=%{name}_cond, body=%{name}_body{config}"])
+  return body + "\n" + cond + "\n", call
+
+
+def _module(computations, entry_lines):
+  entry = "\n".join(["ENTRY %main (p: f32[128,128]) -> f32[128,128] {",
+                     "  %p = f32[128,128]{1,0} parameter(0)", *entry_lines,
+                     "  ROOT %r = f32[128,128]{1,0} bitcast(%p)", "}"])
+  return "HloModule test, entry_computation_layout={(f32[128,128]{1,0})->f32[128,128]{1,0}}\n\n" \
+         + FUSED + "".join(computations) + entry
+
+
+def test_flat_computation_sums_estimates():
+  cost = aot.hlo_cost(_module([], [_fusion("a", 100), _fusion("b", 250)]))
+  assert cost.cycles == 350 and cost.unknown_loops == 0 and cost.untimed == 0
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_loop_body_counts_once_per_trip(known):
+  comps, call = _loop("loop", [_fusion("f", 10)], trips=7, known=known)
+  cost = aot.hlo_cost(_module([comps], [call, _fusion("g", 5)]))
+  assert cost.cycles == 7 * 10 + 5 and cost.unknown_loops == 0
+
+
+def test_trip_count_from_the_condition():
+  for init, compare, want in ((3, "LT", 7), (0, "LE", 8)):
+    comps, call = _loop("loop", [], trips=7, known=False, init=init, compare=compare)
+    parsed, entry = aot.parse_hlo(_module([comps], [call]))
+    assert aot.trip_count(parsed, entry, parsed[entry].instructions["loop"]) == want
+
+
+def test_nested_loops_multiply():
+  inner, inner_call = _loop("inner", [_fusion("f", 10)], trips=4)
+  outer, outer_call = _loop("outer", [inner_call, _fusion("g", 1)], trips=3, known=False)
+  cost = aot.hlo_cost(_module([inner, outer], [outer_call]))
+  assert cost.cycles == 3 * (4 * 10 + 1)
+
+
+def test_unknown_trip_count_counts_once_and_is_reported():
+  comps, call = _loop("loop", [_fusion("f", 10)], trips=7, known=False)
+  call = call.replace("constant(0)", "parameter(1)")  # the start is not a constant
+  cost = aot.hlo_cost(_module([comps], [call]))
+  assert cost.cycles == 10 and cost.unknown_loops == 1
+
+
+def test_custom_call_without_estimate_is_timed_by_its_flops():
+  kernel = ('  %k = f32[128,128]{1,0} custom-call(%p), custom_call_target="tpu_custom_call", '
+            'backend_config={"custom_call_config": {"body": "", "cost_estimate": {"flops": '
+            '918000000, "transcendentals": 0, "bytes_accessed": 0}}}')
+  comps, call = _loop("loop", [kernel.replace("%k ", "%k2 ")], trips=2)
+  cost = aot.hlo_cost(_module([comps], [kernel, call, _fusion("f", 1_750_000)]))
+  assert cost.unestimated_flops == cost.flops == 3 * 918e6
+  # 1.75M cycles at 1.75 GHz plus 2.754 GFLOP at 459 TFLOP/s.
+  assert aot.step_seconds(cost, aot.CHIPS["v5p"]) == pytest.approx(1e-3 + 6e-6)
+
+
+def test_matmul_flops_in_fusions_and_loops():
+  dot = """%fused_dot (a: bf16[8,32], b: bf16[32,16]) -> bf16[8,16] {
+  %a = bf16[8,32]{1,0} parameter(0)
+  %b = bf16[32,16]{1,0} parameter(1)
+  ROOT %d = bf16[8,16]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+%fused_conv (a: bf16[8,32], b: bf16[32,16]) -> bf16[8,16] {
+  %a = bf16[8,32]{1,0} parameter(0)
+  %b = bf16[32,16]{1,0} parameter(1)
+  ROOT %c = bf16[8,16]{1,0} convolution(%a, %b), dim_labels=bf_io->bf
+}
+"""
+  line = ('  %{0} = bf16[8,16]{{1,0}} fusion(%x, %y), kind=kOutput, calls=%fused_{0}, '
+          'backend_config={{"estimated_cycles":"3"}}')
+  comps, call = _loop("loop", [line.format("dot"), line.format("conv")], trips=5)
+  cost = aot.hlo_cost(_module([dot, comps], [call]))
+  assert cost.flops == 5 * 2 * (2 * 8 * 16 * 32) and cost.cycles == 5 * 6
+
+
+def test_sentinel_estimate_and_collectives():
+  lines = [_fusion("sparsecore", 2**63 - 1),
+           "  %ag = bf16[64,1024]{1,0} all-gather(%p), dimensions={0}, replica_groups={{0,1}}"]
+  cost = aot.hlo_cost(_module([], lines))
+  assert cost.cycles == 0 and cost.untimed == 1 and cost.collective_bytes == 64 * 1024 * 2
+
+
+def test_summary_arithmetic():
+  memory = types.SimpleNamespace(argument_size_in_bytes=60, output_size_in_bytes=50,
+                                 temp_size_in_bytes=40, alias_size_in_bytes=50)
+  chip = aot.Chip("TPU test", hbm_bytes=200, clock_hz=1e9, peak_flops=1e12)
+  cost = aot.HloCost(cycles=2e9, flops=3e12)
+  report = aot.summarize(topology="test:2x2", chip=chip, devices=8, devices_per_chip=2,
+                         global_batch=4, seq_len=1000, memory=memory, cost=cost,
+                         xla_flops=1e12, model_flops=4e12, compile_seconds=1.23)
+  assert report["total_bytes"] == 100 and report["hbm_bytes"] == 100 and report["fits"]
+  assert report["chips"] == 4 and report["estimated_step_seconds"] == 2.0
+  assert report["estimated_mfu"] == pytest.approx(4e12 / (2.0 * 4 * 1e12))
+  assert report["estimated_tokens_per_s_per_chip"] == pytest.approx(4000 / 2.0 / 4)
+  assert report["flops_per_device_unrolled"] == 3e12 and report["flops_per_device"] == 1e12
+
+
+@pytest.mark.parametrize("name", ["bogus:1x1", "v5p", "v9z:2x2"])
+def test_bad_topology_names_it(name):
+  with pytest.raises(ValueError, match=name):
+    aot.topology_devices(name)
+
+
+def test_model_flops_maxtext_convention():
+  config = llama.preset("llama3_8b")
+  tokens = 128 * 1024
+  flops = aot.model_flops_per_step(config, tokens, 1024)
+  assert flops == 6 * config.num_params() * tokens + 12 * 32 * 1024 * 4096 * tokens
+
+
+def test_cpu_compile_unrolls_the_layer_scan():
+  """The scanned and the unrolled model cost the same FLOPs once loop trips are counted."""
+  config = toy_cpu.get_config()
+  config.loss.refusal_ids = (5,)
+  costs = {}
+  for scan in (True, False):
+    config.model.scan_layers = scan
+    compiled, _ = aot.compile_train_step(config, jax.devices())
+    memory = compiled.memory_analysis()
+    assert memory.argument_size_in_bytes > 0 and memory.temp_size_in_bytes > 0
+    costs[scan] = aot.hlo_cost(compiled.as_text())
+  assert costs[True].unknown_loops == 0
+  assert costs[True].flops == pytest.approx(costs[False].flops, rel=0.01)

@@ -1,0 +1,93 @@
+"""Two processes joined by jax.distributed (4 fake CPU devices each) train, checkpoint and
+resume through run.py exactly like one process on 8 devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from derta_jax.data import synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
+# A constant lr without warmup: the schedule does not depend on train.num_steps.
+FLAGS = ("--config=" + str(ROOT / "configs" / "toy_cpu.py"), "--config.train.log_every=1",
+         "--config.optim.schedule=constant", "--config.optim.warmup_ratio=0.0",
+         "--config.ckpt.every_steps=3")
+COMPARED = ("loss", "mle_loss", "rto_loss", "grad_norm")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start(args, *, devices: int, log: Path) -> subprocess.Popen:
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  if os.environ.get("MH_CACHE"):
+    env["JAX_COMPILATION_CACHE_DIR"] = str(log.parent / "jax_cache")
+  with open(log, "w") as out:
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT)
+
+
+def _finish(procs: dict[Path, subprocess.Popen]) -> None:
+  """Waits for all; on a failure or timeout kills the rest and shows every log's tail."""
+  try:
+    codes = [p.wait(timeout=TIMEOUT_S) for p in procs.values()]
+  except subprocess.TimeoutExpired:
+    codes = None
+  finally:
+    for p in procs.values():
+      p.kill()
+  if codes is None or any(codes):
+    logs = "\n".join(f"--- {log} (exit {p.returncode}):\n{log.read_text()[-3000:]}"
+                     for log, p in procs.items())
+    raise AssertionError(f"exit codes {codes} (None: timed out after {TIMEOUT_S} s)\n{logs}")
+
+
+def _run_workers(tmp_path: Path, name: str, flags, num_processes: int = 2) -> None:
+  address = f"127.0.0.1:{_free_port()}"
+  logs = [tmp_path / f"{name}.{i}.log" for i in range(num_processes)]
+  _finish({log: _start([ROOT / "tests" / "multihost_worker.py", address, num_processes, i,
+                        *flags], devices=4, log=log) for i, log in enumerate(logs)})
+
+
+def _metrics(workdir: Path) -> dict[int, dict]:
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  steps = [r["step"] for r in records]
+  assert len(set(steps)) == len(steps), f"steps logged twice: {steps}"
+  return {r["step"]: r for r in records}
+
+
+def test_two_processes_train_and_resume_like_one(tmp_path):
+  # Both processes would write <workdir>/tokenizer at once; they share one written here.
+  flags = (*FLAGS, "--config.data.tokenizer_path="
+           + synthetic.write_tokenizer(tmp_path / "tokenizer"))
+  ref, multi = tmp_path / "ref", tmp_path / "multi"
+  # The reference and the first multi-process run in parallel: compiling is mostly serial.
+  ref_log = tmp_path / "ref.log"
+  ref_proc = _start([ROOT / "run.py", *flags, "--config.train.num_steps=10", f"--workdir={ref}"],
+                    devices=8, log=ref_log)
+  if os.environ.get("MH_SEQ"):
+    _finish({ref_log: ref_proc})
+  _run_workers(tmp_path, "first", (*flags, "--config.train.num_steps=6", f"--workdir={multi}"))
+  assert sorted(int(p.name) for p in (multi / "checkpoints").iterdir()) == [3, 6]
+  assert sorted(_metrics(multi)) == list(range(1, 7))
+  _run_workers(tmp_path, "resumed", (*flags, "--config.train.num_steps=10",
+                                     f"--workdir={multi}"))
+  _finish({ref_log: ref_proc})
+
+  want, got = _metrics(ref), _metrics(multi)
+  assert sorted(want) == sorted(got) == list(range(1, 11))  # resumed at 6: 7..10 logged once
+  for key in COMPARED:
+    np.testing.assert_allclose([got[s][key] for s in want], [want[s][key] for s in want],
+                               rtol=1e-5, err_msg=key)
+  assert sorted(int(p.name) for p in (multi / "checkpoints").iterdir()) == [9, 10]
+  assert (multi / "hf" / "model.safetensors").exists()

@@ -1,0 +1,112 @@
+"""The training loop end to end: meshes agree, resume is exact, bad configs are named."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from configs import toy_cpu
+from derta_jax import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = dict(optim__schedule="constant", optim__lr=3e-3, train__log_every=1,
+                 ckpt__every_steps=5, ckpt__max_to_keep=0)
+
+
+def _config(**overrides):
+  config = toy_cpu.get_config()
+  for key, value in {**OVERRIDES, **overrides}.items():
+    node = config
+    *parents, leaf = key.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _losses(workdir):
+  """step -> loss from metrics.jsonl (the last line written for a step wins; a line still
+  being written is left out)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, filter(lambda x: x.endswith("\n"), f))}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """20 uninterrupted steps on the 1 x 8 x 1 mesh."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  summary = main.run(_config(train__num_steps=20), workdir)
+  assert summary["steps"] == 20 and os.path.exists(os.path.join(workdir, "hf", "config.json"))
+  return _losses(workdir)
+
+
+@pytest.mark.parametrize("mesh", [dict(mesh__data=2, mesh__fsdp=2, mesh__tensor=2),
+                                  dict(mesh__num_devices=1, mesh__fsdp=1)])
+def test_meshes_give_the_same_losses_as_one_mesh(tmp_path, reference, mesh):
+  main.run(_config(train__num_steps=20, **mesh), str(tmp_path))
+  losses = _losses(str(tmp_path))
+  assert sorted(losses) == list(range(1, 21))
+  for step, loss in losses.items():
+    assert abs(loss - reference[step]) <= 1e-5 * abs(reference[step]), step
+  assert reference[20] < reference[1]
+
+
+def test_checkpoint_from_1x8x1_continues_on_2x2x2(tmp_path, reference):
+  main.run(_config(train__num_steps=10), str(tmp_path))
+  summary = main.run(_config(train__num_steps=15, mesh__data=2, mesh__fsdp=2, mesh__tensor=2),
+                     str(tmp_path))
+  assert summary["steps"] == 15
+  losses = _losses(str(tmp_path))
+  for step in range(11, 16):
+    assert abs(losses[step] - reference[step]) <= 1e-5 * abs(reference[step]), step
+
+
+def test_sigkill_after_a_checkpoint_then_restart_is_exact(tmp_path, reference):
+  workdir = str(tmp_path)
+  args = [sys.executable, "run.py", f"--workdir={workdir}", "--config.train.num_steps=20"]
+  args += [f"--config.{k.replace('__', '.')}={v}" for k, v in OVERRIDES.items()]
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and max(_losses(workdir), default=0) >= 7:
+      break
+    time.sleep(0.01)
+  assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(_losses(workdir))
+  assert 7 <= killed_at < 20
+  restart = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert restart.returncode == 0, restart.stderr[-3000:]
+  assert json.loads(restart.stdout.strip().splitlines()[-1])["steps"] == 20
+  losses = _losses(workdir)
+  resumed_from = 5 * (killed_at // 5)
+  for step in range(resumed_from + 1, 21):
+    assert abs(losses[step] - reference[step]) <= 1e-7 * abs(reference[step]), step
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
+  with pytest.raises(FloatingPointError, match="at step 1; stopped without saving"):
+    main.run(_config(train__num_steps=5, loss__z_loss=float("nan")), str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "1"))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(mode="serve"), "config.mode='serve'"),
+    (dict(data__source="web"), "data.source='web'"),
+    (dict(train__global_batch=6), r"train.global_batch \(6\) must divide over"),
+    (dict(optim__schedule="cosin"), "optim.schedule='cosin'"),
+    (dict(mesh__tensor=3), "mesh sizes"),
+    (dict(loss__normalize="mean"), "normalize='mean'"),
+    (dict(data__refusal_text="I cannot"), "is 2 tokens"),
+    (dict(train__micro_batches=3), "micro"),
+])
+def test_bad_configs_fail_before_training_with_the_value(tmp_path, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    main.run(_config(train__num_steps=2, **overrides), str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))
