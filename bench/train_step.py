@@ -16,7 +16,6 @@ import statistics
 import tempfile
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -98,9 +97,6 @@ def _ours(path, batch):
                                       warmup_ratio=WARMUP_RATIO, weight_decay=WEIGHT_DECAY,
                                       clip_norm=CLIP)
   graphdef, state, _ = train.init_state(derta_jax.load_hf(path), tx)
-  # Commit the state to the device as the step's outputs are; an uncommitted first state
-  # keys a different compilation, so the second call would compile the step again.
-  state = jax.device_put(state, jax.devices()[0])
   loss_config = train.LossConfig(refusal_ids=(REFUSAL_ID,), chunk_size=512)
   step = train.jit_train_step(train.make_train_step(graphdef, tx, schedule, loss_config),
                               None, None)

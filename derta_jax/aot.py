@@ -396,28 +396,48 @@ def compile_train_step(config: ml_collections.ConfigDict, devices):
   return compiled, model_config
 
 
+def _oom_bytes(message: str) -> int | None:
+  """The temporaries' size in the TPU compiler's out-of-memory message, if it names it."""
+  match = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", message)
+  if match is None:
+    return None
+  return int(float(match.group(1)) * 1024 ** "_KMGT".index(match.group(2) or "_"))
+
+
 def compile_report(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Compile the train step for config.compile.topology; write the HLO; return the figures."""
-  topology = config.compile.topology
+  topology, t = config.compile.topology, config.train
   chip, devices = topology_devices(topology)
+  devices_per_chip = len(devices) // len({tuple(d.coords) for d in devices})
+  extra = dict(remat=config.model.remat, micro_batches=t.micro_batches,
+               mesh=config.mesh.to_dict())
   start = time.perf_counter()
-  compiled, model_config = compile_train_step(config, devices)
+  try:
+    compiled, model_config = compile_train_step(config, devices)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The compiler refuses a program whose temporaries alone exceed HBM: no memory or cost
+    # analysis exists, only the size its message names (a lower bound of the total).
+    needed = _oom_bytes(str(e))
+    return dict(extra, topology=topology, devices=len(devices),
+                chips=len(devices) // devices_per_chip, global_batch=t.global_batch,
+                seq_len=t.seq_len, temp_bytes=needed, total_bytes=needed,
+                hbm_bytes=chip.hbm_bytes // devices_per_chip, fits=False,
+                error=str(e).splitlines()[0],
+                compile_seconds=round(time.perf_counter() - start, 1))
   compile_seconds = time.perf_counter() - start
   hlo = compiled.as_text()
   out = Path(workdir) / "compile" / f"{topology.replace(':', '_')}.hlo.txt"
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(hlo)
-  devices_per_chip = len(devices) // len({tuple(d.coords) for d in devices})
-  tokens = config.train.global_batch * config.train.seq_len
   report = summarize(
       topology=topology, chip=chip, devices=len(devices), devices_per_chip=devices_per_chip,
-      global_batch=config.train.global_batch, seq_len=config.train.seq_len,
-      memory=compiled.memory_analysis(), cost=hlo_cost(hlo),
-      xla_flops=float(compiled.cost_analysis().get("flops", 0.0)),
-      model_flops=model_flops_per_step(model_config, tokens, config.train.seq_len),
+      global_batch=t.global_batch, seq_len=t.seq_len, memory=compiled.memory_analysis(),
+      cost=hlo_cost(hlo), xla_flops=float(compiled.cost_analysis().get("flops", 0.0)),
+      model_flops=model_flops_per_step(model_config, t.global_batch * t.seq_len, t.seq_len),
       compile_seconds=compile_seconds)
-  return dict(report, remat=model_config.remat, micro_batches=config.train.micro_batches,
-              mesh=config.mesh.to_dict(), hlo_path=str(out))
+  return dict(report, **extra, hlo_path=str(out))
 
 
 def main_compile(config: ml_collections.ConfigDict, workdir: str | Path) -> int:

@@ -103,12 +103,18 @@ def validate(mesh: Mesh, *, global_batch_size: int, model_config) -> None:
 
 
 def initialize_distributed() -> bool:
-  """jax.distributed.initialize() on multi-host runs (Cloud TPU pods, or a coordinator set in
-  the environment); a no-op on one host. Returns whether it initialised."""
+  """jax.distributed.initialize() on multi-host runs: Cloud TPU pods (found by JAX itself),
+  or a coordinator given by JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID; a no-op on one host or when already initialised. Returns whether
+  distributed JAX is on."""
   import os
 
+  if jax.distributed.is_initialized():
+    return True
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
   if "," in hosts or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize()
+    n, i = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(num_processes=int(n) if n else None,
+                               process_id=int(i) if i else None)
     return True
   return False

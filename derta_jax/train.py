@@ -142,8 +142,9 @@ def init_state(model: llama.Llama, tx: optax.GradientTransformation, mesh: Mesh 
   graphdef, params = nnx.split(model, nnx.Param)
   params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
   if mesh is None:
-    return graphdef, dict(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=jax.jit(tx.init)(params)), None
+    # Committed to one device, like the step's outputs, so the step compiles only once.
+    state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params))
+    return graphdef, jax.device_put(state, jax.local_devices()[0]), None
   shardings = state_shardings(nnx.state(model, nnx.Param), tx, mesh)
   params = jax.device_put(params, shardings["params"])
   state = dict(step=jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]), params=params,

@@ -170,3 +170,10 @@ def test_cpu_compile_unrolls_the_layer_scan():
     costs[scan] = aot.hlo_cost(compiled.as_text())
   assert costs[True].unknown_loops == 0
   assert costs[True].flops == pytest.approx(costs[False].flops, rel=0.01)
+
+
+def test_out_of_memory_message_size():
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+             "temporaries (274.43G) exceeds available HBM (95.74G).")
+  assert aot._oom_bytes(message) == int(274.43 * 2**30)
+  assert aot._oom_bytes("RESOURCE_EXHAUSTED: something else") is None

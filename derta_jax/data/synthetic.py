@@ -5,6 +5,8 @@ tokenizer.json loaded back through `load_tokenizer`, like any HF checkpoint's)."
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -26,7 +28,11 @@ def make_sources(*, seed: int, n_helpful: int, n_triples: int):
 
 
 def write_tokenizer(directory: str | os.PathLike) -> str:
-  """A word-level tokenizer over WORDS, the templates' punctuation and the refusal."""
+  """A word-level tokenizer over WORDS, the templates' punctuation and the refusal.
+
+  Written to a temporary sibling and renamed into place, so processes sharing a workdir
+  never read a half-written one (all of them write the same files).
+  """
   from tokenizers import Tokenizer, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
 
@@ -35,6 +41,14 @@ def write_tokenizer(directory: str | os.PathLike) -> str:
   vocab = {w: i for i, w in enumerate(SPECIAL + extra + WORDS)}
   tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+  directory = os.fspath(directory)
+  if os.path.isdir(directory):
+    return directory
+  tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=os.path.dirname(directory) or ".")
   PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                          pad_token="<pad>", unk_token="<unk>").save_pretrained(directory)
-  return os.fspath(directory)
+                          pad_token="<pad>", unk_token="<unk>").save_pretrained(tmp)
+  try:
+    os.rename(tmp, directory)
+  except OSError:  # another process renamed its copy first
+    shutil.rmtree(tmp)
+  return directory
