@@ -25,8 +25,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from derta_jax import optim, sharding, train
+from derta_jax import main, optim, sharding, train
 from derta_jax.data import tokenize
 
 
@@ -177,16 +178,39 @@ def _largest_bytes(shape: str) -> float:
   return max((math.prod(d) * _BITS.get(t, 32) / 8 for t, d in _arrays(shape)), default=0.0)
 
 
+def _window_taps(attrs: str, lhs, lhs_labels: str, out, out_labels: str) -> int:
+  """Window taps per output element that land on input rather than padding, over all spatial
+  dims (XLA writes some batched matmuls as convolutions over padded, reversed windows)."""
+  window = re.search(r"window=\{([^}]*)\}", attrs)
+  # e.g. "size=1x32 pad=0_0x31_31" -> {"size": [(1,), (32,)], "pad": [(0, 0), (31, 31)]}
+  fields = {key: [tuple(int(x) for x in dim.split("_")) for dim in value.split("x")]
+            for key, value in (f.split("=") for f in window.group(1).split())} if window else {}
+  taps = 1
+  for d, (size,) in enumerate(fields.get("size", [])):
+    (stride,), (lhs_dilation,), (rhs_dilation,) = (
+        fields[key][d] if key in fields else (1,) for key in ("stride", "lhs_dilate", "rhs_dilate"))
+    low = fields["pad"][d][0] if "pad" in fields else 0
+    positions_OxK = (np.arange(out[out_labels.index(str(d))])[:, None] * stride
+                     + np.arange(size)[None, :] * rhs_dilation - low)
+    span = (lhs[lhs_labels.index(str(d))] - 1) * lhs_dilation
+    taps *= int(np.sum((positions_OxK >= 0) & (positions_OxK <= span)
+                       & (positions_OxK % lhs_dilation == 0)))
+  return taps
+
+
 def _matmul_flops(comp: Computation, ins: Instruction) -> float:
-  """2 x output elements x products per element, for dot and convolution."""
-  out = math.prod(_arrays(ins.shape)[0][1])
+  """2 x products, for dot and convolution."""
+  out = _arrays(ins.shape)[0][1]
+  lhs, rhs = (_arrays(comp.instructions[o].shape)[0][1] for o in ins.operands[:2])
   if ins.opcode == "dot":
-    lhs = _arrays(comp.instructions[ins.operands[0]].shape)[0][1]
     dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs).group(1)
-    return 2.0 * out * math.prod(lhs[int(d)] for d in dims.split(",") if d)
-  rhs = _arrays(comp.instructions[ins.operands[1]].shape)[0][1]
-  rhs_labels = re.search(r"dim_labels=\w*_(\w+)->", ins.attrs).group(1)
-  return 2.0 * out * math.prod(rhs) / rhs[rhs_labels.index("o")]
+    return 2.0 * math.prod(out) * math.prod(lhs[int(d)] for d in dims.split(",") if d)
+  lhs_labels, rhs_labels, out_labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)",
+                                                 ins.attrs).groups()
+  # Each output (batch, feature) element takes i inputs at every window tap.
+  return (2.0 * out[out_labels.index("b")] * out[out_labels.index("f")]
+          * rhs[rhs_labels.index("i")]
+          * _window_taps(ins.attrs, lhs, lhs_labels, out, out_labels))
 
 
 def _scalar(comps, comp_name, name, outer=None):
@@ -266,12 +290,16 @@ class HloCost:
                                collective_bytes=self.collective_bytes * k)
 
 
-# Instructions that move or name data without costing time of their own, or whose cost is
-# their callee's.
+# Instructions that name data or start/finish asynchronous work (copies, slices,
+# collectives) without costing time of their own, or whose cost is their callee's.
 _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while",
-         "conditional", "call", "call-start", "call-done", "async-start", "async-update",
-         "async-done", "copy-start", "copy-done", "all-gather-done", "all-reduce-done",
-         "collective-permute-done", "after-all", "partition-id", "replica-id", "opt-barrier"}
+         "conditional", "call", "after-all", "partition-id", "replica-id", "opt-barrier"}
+
+
+def _is_free(ins: Instruction) -> bool:
+  if ins.opcode == "custom-call":  # XLA's own targets (AllocateBuffer, ...) are bookkeeping
+    return (_attr(ins, "custom_call_target") or "").strip('"') != "tpu_custom_call"
+  return ins.opcode in _FREE or ins.opcode.endswith(("-start", "-update", "-done"))
 
 
 def _estimated_cycles(ins: Instruction) -> float | None:
@@ -313,7 +341,7 @@ def _computation_cost(comps, name, memo) -> HloCost:
         inner = dataclasses.replace(inner, unestimated_flops=inner.flops, untimed=0)
       cost += inner
     if (own is None and not cost.flops and not cost.collective_bytes
-        and ins.opcode not in _FREE and _largest_bytes(ins.shape) >= 4096):
+        and not _is_free(ins) and _largest_bytes(ins.shape) >= 4096):
       cost.untimed += 1
     total += cost
   memo[name] = total
@@ -344,7 +372,11 @@ def model_flops_per_step(model_config, tokens: int, seq_len: int) -> float:
 def summarize(*, topology: str, chip: Chip, devices: int, devices_per_chip: int,
               global_batch: int, seq_len: int, memory, cost: HloCost, xla_flops: float,
               model_flops: float, compile_seconds: float) -> dict:
-  """The report's figures; `memory` is `compiled.memory_analysis()`, per device."""
+  """The report's figures, per device unless named per chip or step.
+
+  `memory` is `compiled.memory_analysis()`. flops_per_device is XLA's cost analysis, which
+  counts a loop body once; flops_per_device_unrolled counts every iteration.
+  """
   total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   hbm = chip.hbm_bytes // devices_per_chip
@@ -370,8 +402,6 @@ def summarize(*, topology: str, chip: Chip, devices: int, devices_per_chip: int,
 
 def compile_train_step(config: ml_collections.ConfigDict, devices):
   """The run's jitted train step lowered for `devices` and compiled: (compiled, model config)."""
-  from derta_jax import main
-
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
                             devices=devices)
   model_config = main.model_config(config)

@@ -101,6 +101,16 @@ def test_custom_call_without_estimate_is_timed_by_its_flops():
   assert cost.unestimated_flops == cost.flops == 3 * 918e6
   # 1.75M cycles at 1.75 GHz plus 2.754 GFLOP at 459 TFLOP/s.
   assert aot.step_seconds(cost, aot.CHIPS["v5p"]) == pytest.approx(1e-3 + 6e-6)
+  assert cost.untimed == 0
+
+
+def test_custom_calls_without_flops():
+  """A kernel with no cost estimate is counted as untimed; XLA's bookkeeping calls are not."""
+  kernel = ('  %k = f32[128,128]{1,0} custom-call(%p), custom_call_target="tpu_custom_call", '
+            'backend_config={"custom_call_config": {"body": ""}}')
+  allocate = '  %a = f32[128,128]{1,0} custom-call(), custom_call_target="AllocateBuffer"'
+  cost = aot.hlo_cost(_module([], [kernel, allocate]))
+  assert cost.untimed == 1 and cost.cycles == cost.flops == 0
 
 
 def test_matmul_flops_in_fusions_and_loops():
@@ -120,6 +130,20 @@ def test_matmul_flops_in_fusions_and_loops():
   comps, call = _loop("loop", [line.format("dot"), line.format("conv")], trips=5)
   cost = aot.hlo_cost(_module([dot, comps], [call]))
   assert cost.flops == 5 * 2 * (2 * 8 * 16 * 32) and cost.cycles == 5 * 6
+
+
+def test_padded_window_convolution_counts_only_real_products():
+  """XLA writes BTD,DNH->BTNH as a convolution whose N window mostly overlaps padding."""
+  conv = """%fused_win (a: bf16[2,8,16,1], b: bf16[16,4,8,1]) -> bf16[2,8,4,8] {
+  %a = bf16[2,8,16,1]{3,2,1,0} parameter(0)
+  %b = bf16[16,4,8,1]{3,2,1,0} parameter(1)
+  ROOT %c = bf16[2,8,4,8]{3,2,1,0} convolution(%a, %b), window={size=1x4 pad=0_0x3_3 \
+rhs_reversal=0x1}, dim_labels=0bf1_i1o0->0b1f
+}
+"""
+  line = ('  %w = bf16[2,8,4,8]{3,2,1,0} fusion(%x, %y), kind=kOutput, calls=%fused_win, '
+          'backend_config={"estimated_cycles":"1"}')
+  assert aot.hlo_cost(_module([conv], [line])).flops == 2 * (2 * 8) * 16 * (4 * 8)
 
 
 def test_sentinel_estimate_and_collectives():
