@@ -9,8 +9,9 @@ is allocated. The compiled HLO goes to <workdir>/compile/<topology>.hlo.txt.
 
 The step time adds up the TPU compiler's own per-instruction estimates ("estimated_cycles"
 in the backend config of each fusion, copy, ...), with every while-loop body counted as
-often as the loop runs. Collectives carry no estimate, so the time assumes they hide
-behind compute; `collective_bytes_per_device` says how much data they handle.
+often as the loop runs. Collectives carry no estimate, so that time assumes they hide
+behind compute; `estimated_collective_seconds` is their bytes over the chip's ICI bandwidth,
+and a step is ICI-bound where it exceeds `estimated_step_seconds`.
 """
 
 from __future__ import annotations
@@ -33,22 +34,24 @@ from derta_jax.data import tokenize
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """One TPU generation: HBM, clock and dense bf16 FLOP/s, all per chip."""
+  """One TPU generation: HBM, clock, dense bf16 FLOP/s and ICI bytes/s one way, per chip."""
 
   device_kind: str
   hbm_bytes: int
   clock_hz: float
   peak_flops: float
+  ici_bytes_per_s: float | None = None
 
 
 # HBM and peak bf16 FLOP/s: the Cloud TPU system-architecture pages
 # (cloud.google.com/tpu/docs/v4, /v5e, /v5p): v4 32 GiB, 275 TFLOP/s; v5e 16 GiB, 197;
 # v5p 95 GiB, 459. Clock = peak / (MXUs x 128 x 128 x 2 FLOPs a cycle), with 8 MXUs a chip
-# on v4 and v5p (2 TensorCores x 4) and 4 on v5e: 1.05, 1.50 and 1.75 GHz.
+# on v4 and v5p (2 TensorCores x 4) and 4 on v5e: 1.05, 1.50 and 1.75 GHz. "Interchip
+# Interconnect BW" on the same pages: v5e 1,600 Gbit/s, v5p 4,800 (the v4 page gives none).
 CHIPS = {
     "v4": Chip("TPU v4", 32 * 2**30, 1.05e9, 275e12),
-    "v5e": Chip("TPU v5 lite", 16 * 2**30, 1.5e9, 197e12),
-    "v5p": Chip("TPU v5", 95 * 2**30, 1.75e9, 459e12),
+    "v5e": Chip("TPU v5 lite", 16 * 2**30, 1.5e9, 197e12, 1600e9 / 8),
+    "v5p": Chip("TPU v5", 95 * 2**30, 1.75e9, 459e12, 4800e9 / 8),
 }
 # The refusal id changes no shape: LLaMA-3's "Sorry" when the config leaves it to the data.
 _DEFAULT_REFUSAL_IDS = (19701,)
@@ -275,7 +278,7 @@ class HloCost:
   cycles: float = 0.0  # sum of the compiler's estimated_cycles
   flops: float = 0.0  # dot, convolution and custom-call FLOPs
   unestimated_flops: float = 0.0  # FLOPs in fusions and custom calls with no cycle estimate
-  collective_bytes: float = 0.0  # largest buffer of each collective
+  collective_bytes: float = 0.0  # what ring collectives send: a buffer, twice for all-reduce
   untimed: int = 0  # instructions with no estimate, no FLOPs and a result of >= 4 KiB
   unknown_loops: int = 0  # while loops of unknown trip count: counted once
 
@@ -320,7 +323,8 @@ def _computation_cost(comps, name, memo) -> HloCost:
     elif ins.opcode == "custom-call" and own is None:
       cost.flops = cost.unestimated_flops = _number(ins, "flops") or 0.0  # Pallas cost_estimate
     elif ins.opcode in _COLLECTIVES:
-      cost.collective_bytes = _largest_bytes(ins.shape)
+      cost.collective_bytes = _largest_bytes(ins.shape) * (1 + ins.opcode.startswith(
+          "all-reduce"))
     if ins.opcode == "while":
       trips = trip_count(comps, name, ins)
       cost.unknown_loops = int(trips is None)
@@ -391,6 +395,8 @@ def summarize(*, topology: str, chip: Chip, devices: int, devices_per_chip: int,
       "fits": total <= hbm, "flops_per_device": xla_flops,
       "flops_per_device_unrolled": cost.flops,
       "collective_bytes_per_device": cost.collective_bytes,
+      "estimated_collective_seconds": (cost.collective_bytes * devices_per_chip
+                                       / chip.ici_bytes_per_s if chip.ici_bytes_per_s else None),
       "estimated_step_seconds": seconds, "model_flops_per_step": model_flops,
       "estimated_mfu": model_flops / (seconds * chips * chip.peak_flops) if seconds else None,
       "estimated_tokens_per_s_per_chip": tokens / seconds / chips if seconds else None,

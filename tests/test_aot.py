@@ -148,16 +148,18 @@ rhs_reversal=0x1}, dim_labels=0bf1_i1o0->0b1f
 
 def test_sentinel_estimate_and_collectives():
   lines = [_fusion("sparsecore", 2**63 - 1),
-           "  %ag = bf16[64,1024]{1,0} all-gather(%p), dimensions={0}, replica_groups={{0,1}}"]
+           "  %ag = bf16[64,1024]{1,0} all-gather(%p), dimensions={0}, replica_groups={{0,1}}",
+           "  %ar = f32[128,128]{1,0} all-reduce(%p), replica_groups={{0,1}}, to_apply=%fused"]
   cost = aot.hlo_cost(_module([], lines))
-  assert cost.cycles == 0 and cost.untimed == 1 and cost.collective_bytes == 64 * 1024 * 2
+  assert cost.cycles == 0 and cost.untimed == 1
+  assert cost.collective_bytes == 64 * 1024 * 2 + 2 * 128 * 128 * 4
 
 
 def test_summary_arithmetic():
   memory = types.SimpleNamespace(argument_size_in_bytes=60, output_size_in_bytes=50,
                                  temp_size_in_bytes=40, alias_size_in_bytes=50)
-  chip = aot.Chip("TPU test", hbm_bytes=200, clock_hz=1e9, peak_flops=1e12)
-  cost = aot.HloCost(cycles=2e9, flops=3e12)
+  chip = aot.Chip("TPU test", hbm_bytes=200, clock_hz=1e9, peak_flops=1e12, ici_bytes_per_s=1e9)
+  cost = aot.HloCost(cycles=2e9, flops=3e12, collective_bytes=5e8)
   report = aot.summarize(topology="test:2x2", chip=chip, devices=8, devices_per_chip=2,
                          global_batch=4, seq_len=1000, memory=memory, cost=cost,
                          xla_flops=1e12, model_flops=4e12, compile_seconds=1.23)
@@ -166,6 +168,7 @@ def test_summary_arithmetic():
   assert report["estimated_mfu"] == pytest.approx(4e12 / (2.0 * 4 * 1e12))
   assert report["estimated_tokens_per_s_per_chip"] == pytest.approx(4000 / 2.0 / 4)
   assert report["flops_per_device_unrolled"] == 3e12 and report["flops_per_device"] == 1e12
+  assert report["estimated_collective_seconds"] == 1.0  # two devices share the chip's links
 
 
 @pytest.mark.parametrize("name", ["bogus:1x1", "v5p", "v9z:2x2"])

@@ -1,10 +1,11 @@
-"""The jitted DeRTa train step: learning, sharded == one device, accumulation == full batch."""
+"""The jitted train step on its own: k micro-batches equal one k-times-larger batch.
+
+Learning, mesh parity and resume are tested through the loop in test_train_loop.py."""
 
 import jax
 import numpy as np
-import pytest
 
-from derta_jax import optim, sharding, train
+from derta_jax import optim, train
 from derta_jax.models import llama
 
 REFUSAL = 7
@@ -38,40 +39,6 @@ def _setup(mesh=None, micro_batches=1, seed=0):
   return config, state, train.jit_train_step(step, shardings, mesh)
 
 
-def test_train_step_learns_the_batch():
-  config, state, step = _setup()
-  batch = _batch(config)
-  losses = []
-  for _ in range(6):
-    state, metrics = step(state, batch)
-    losses.append(float(metrics["loss"]))
-  assert int(state["step"]) == 6
-  assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
-  assert losses[-1] < 0.8 * losses[0], losses
-  assert float(metrics["p_refusal"]) > 1 / config.vocab_size
-  assert float(metrics["grad_norm"]) > 0 and float(metrics["lr"]) == pytest.approx(3e-3)
-
-
-def test_sharded_step_equals_one_device():
-  config, single, single_step = _setup()
-  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-  _, sharded, sharded_step = _setup(mesh)
-  batch = _batch(config)
-  for _ in range(2):
-    single, m1 = single_step(single, batch)
-    sharded, m2 = sharded_step(sharded, sharding.global_batch(batch, mesh))
-    np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
-    np.testing.assert_allclose(float(m2["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
-  # With a small eps Adam moves every coordinate by about lr whatever the gradient's size,
-  # so summation-order noise in a near-zero gradient would change its update; eps = 1e-3
-  # keeps updates proportional to small gradients, and the bound is lr / 30.
-  for a, b in zip(jax.tree.leaves(sharded["params"]), jax.tree.leaves(single["params"]),
-                  strict=True):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
-  q = sharded["params"]["layers"]["attn"]["q"].value
-  assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
-
-
 def test_gradient_accumulation_equals_the_full_batch():
   config, full, full_step = _setup()
   _, accum, accum_step = _setup(micro_batches=4)
@@ -79,7 +46,7 @@ def test_gradient_accumulation_equals_the_full_batch():
   full, m1 = full_step(full, batch)
   accum, m2 = accum_step(accum, batch)
   np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
-  np.testing.assert_allclose(float(m2["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
+  np.testing.assert_allclose(float(m2["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(accum["params"]), jax.tree.leaves(full["params"]),
                   strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
