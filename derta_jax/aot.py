@@ -281,16 +281,26 @@ class HloCost:
   collective_bytes: float = 0.0  # what ring collectives send: a buffer, twice for all-reduce
   untimed: int = 0  # instructions with no estimate, no FLOPs and a result of >= 4 KiB
   unknown_loops: int = 0  # while loops of unknown trip count: counted once
+  # Bytes of collectives that XLA spreads over several fusions, each of which names the whole
+  # collective with one chain_id: counted once per chain.
+  chains: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def __add__(self, other: HloCost) -> HloCost:
-    return HloCost(*(getattr(self, f.name) + getattr(other, f.name)
-                     for f in dataclasses.fields(self)))
+    sums = {f.name: getattr(self, f.name) + getattr(other, f.name)
+            for f in dataclasses.fields(self) if f.name != "chains"}
+    return HloCost(**sums, chains={**self.chains, **other.chains})
+
+  def settled(self) -> HloCost:
+    """With the chains of one computation folded into collective_bytes."""
+    return dataclasses.replace(self, chains={},
+                               collective_bytes=self.collective_bytes + sum(self.chains.values()))
 
   def times(self, k: float) -> HloCost:
     """Floats scaled by k (a loop's trips); the counts of problems stay counts."""
-    return dataclasses.replace(self, cycles=self.cycles * k, flops=self.flops * k,
-                               unestimated_flops=self.unestimated_flops * k,
-                               collective_bytes=self.collective_bytes * k)
+    s = self.settled()
+    return dataclasses.replace(s, cycles=s.cycles * k, flops=s.flops * k,
+                               unestimated_flops=s.unestimated_flops * k,
+                               collective_bytes=s.collective_bytes * k)
 
 
 # Instructions that name data or start/finish asynchronous work (copies, slices,
@@ -312,6 +322,7 @@ def _estimated_cycles(ins: Instruction) -> float | None:
 
 
 def _computation_cost(comps, name, memo) -> HloCost:
+  """One run of computation `name`; `memo` holds the computations already costed."""
   if name in memo:
     return memo[name]
   comp, total = comps[name], HloCost()
@@ -323,8 +334,12 @@ def _computation_cost(comps, name, memo) -> HloCost:
     elif ins.opcode == "custom-call" and own is None:
       cost.flops = cost.unestimated_flops = _number(ins, "flops") or 0.0  # Pallas cost_estimate
     elif ins.opcode in _COLLECTIVES:
-      cost.collective_bytes = _largest_bytes(ins.shape) * (1 + ins.opcode.startswith(
-          "all-reduce"))
+      sent = _largest_bytes(ins.shape) * (1 + ins.opcode.startswith("all-reduce"))
+      chain = re.search(r'chain_id="(\w+)"', ins.attrs)
+      if chain:
+        cost.chains = {chain.group(1): sent}
+      else:
+        cost.collective_bytes = sent
     if ins.opcode == "while":
       trips = trip_count(comps, name, ins)
       cost.unknown_loops = int(trips is None)
@@ -335,7 +350,8 @@ def _computation_cost(comps, name, memo) -> HloCost:
       branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
       names = ([b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches else
                [_attr(ins, "true_computation"), _attr(ins, "false_computation")])
-      cost += max((_computation_cost(comps, b, memo) for b in names), key=lambda c: c.cycles)
+      cost += max((_computation_cost(comps, b, memo).settled() for b in names),
+                  key=lambda c: c.cycles)
     elif ins.opcode in ("fusion", "call", "async-start"):
       inner = _computation_cost(comps, _attr(ins, "to_apply" if ins.opcode == "call"
                                              else "calls"), memo)
@@ -344,7 +360,7 @@ def _computation_cost(comps, name, memo) -> HloCost:
       elif ins.opcode == "fusion":  # timed at peak FLOP/s; counted once if untimed
         inner = dataclasses.replace(inner, unestimated_flops=inner.flops, untimed=0)
       cost += inner
-    if (own is None and not cost.flops and not cost.collective_bytes
+    if (own is None and not cost.flops and not cost.collective_bytes and not cost.chains
         and not _is_free(ins) and _largest_bytes(ins.shape) >= 4096):
       cost.untimed += 1
     total += cost
@@ -355,11 +371,11 @@ def _computation_cost(comps, name, memo) -> HloCost:
 def hlo_cost(hlo_text: str) -> HloCost:
   """The cost of one run of the entry computation of compiled HLO text."""
   comps, entry = parse_hlo(hlo_text)
-  return _computation_cost(comps, entry, {})
+  return _computation_cost(comps, entry, {}).settled()
 
 
 def step_seconds(cost: HloCost, chip: Chip, devices_per_chip: int = 1) -> float:
-  """Estimated cycles at the chip's clock, plus unestimated custom calls at peak FLOP/s."""
+  """Estimated cycles at the chip's clock, plus the FLOPs that have no estimate at peak."""
   return cost.cycles / chip.clock_hz + cost.unestimated_flops * devices_per_chip / chip.peak_flops
 
 
@@ -456,12 +472,12 @@ def compile_report(config: ml_collections.ConfigDict, workdir: str | Path) -> di
     # The compiler refuses a program whose temporaries alone exceed HBM: no memory or cost
     # analysis exists, only the size its message names (a lower bound of the total).
     needed = _oom_bytes(str(e))
-    return dict(extra, topology=topology, devices=len(devices),
+    return dict(topology=topology, devices=len(devices),
                 chips=len(devices) // devices_per_chip, global_batch=t.global_batch,
                 seq_len=t.seq_len, temp_bytes=needed, total_bytes=needed,
                 hbm_bytes=chip.hbm_bytes // devices_per_chip, fits=False,
                 error=str(e).splitlines()[0],
-                compile_seconds=round(time.perf_counter() - start, 1))
+                compile_seconds=round(time.perf_counter() - start, 1), **extra)
   compile_seconds = time.perf_counter() - start
   hlo = compiled.as_text()
   out = Path(workdir) / "compile" / f"{topology.replace(':', '_')}.hlo.txt"

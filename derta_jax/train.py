@@ -158,8 +158,25 @@ def jit_train_step(train_step, state_shardings, mesh: Mesh | None):
     return jax.jit(train_step, donate_argnums=0)
   rows = sharding.batch_sharding(mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(train_step, in_shardings=(state_shardings, rows),
-                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+  jitted = jax.jit(train_step, in_shardings=(state_shardings, rows),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return _MeshStep(jitted, mesh)
+
+
+class _MeshStep:
+  """The jitted step, traced and run under `jax.set_mesh(mesh)` so the model can pin its
+  activations to batch-row sharding; `.lower(...)` as for any jitted function (AOT)."""
+
+  def __init__(self, jitted, mesh: Mesh):
+    self._jitted, self._mesh = jitted, mesh
+
+  def __call__(self, state, batch):
+    with jax.set_mesh(self._mesh):
+      return self._jitted(state, batch)
+
+  def lower(self, *args):
+    with jax.set_mesh(self._mesh):
+      return self._jitted.lower(*args)
 
 
 # ----------------------------------------------------------------------------------------

@@ -155,6 +155,20 @@ def test_sentinel_estimate_and_collectives():
   assert cost.collective_bytes == 64 * 1024 * 2 + 2 * 128 * 128 * 4
 
 
+def test_collective_split_over_fusions_counts_once():
+  """XLA's async collective fusions each name the whole all-gather, tagged with one chain."""
+  piece = """%piece{0} (x: bf16[8,1024]) -> bf16[64,1024] {{
+  %x = bf16[8,1024]{{1,0}} parameter(0)
+  ROOT %ag{0} = bf16[64,1024]{{1,0}} all-gather(%x), dimensions={{0}}, \
+frontend_attributes={{chain_id="6"}}
+}}
+"""
+  call = '  %step{0} = bf16[64,1024]{{1,0}} fusion(%p), kind=kCustom, calls=%piece{0}'
+  comps, loop = _loop("loop", [call.format(i) for i in range(3)], trips=4)
+  cost = aot.hlo_cost(_module([piece.format(i) for i in range(3)] + [comps], [loop]))
+  assert cost.collective_bytes == 4 * 64 * 1024 * 2 and cost.untimed == 0
+
+
 def test_summary_arithmetic():
   memory = types.SimpleNamespace(argument_size_in_bytes=60, output_size_in_bytes=50,
                                  temp_size_in_bytes=40, alias_size_in_bytes=50)
@@ -194,7 +208,9 @@ def test_cpu_compile_unrolls_the_layer_scan():
     compiled, _ = aot.compile_train_step(config, jax.devices())
     memory = compiled.memory_analysis()
     assert memory.argument_size_in_bytes > 0 and memory.temp_size_in_bytes > 0
-    costs[scan] = aot.hlo_cost(compiled.as_text())
+    text = compiled.as_text()
+    assert (" while(" in text) == scan
+    costs[scan] = aot.hlo_cost(text)
   assert costs[True].unknown_loops == 0
   assert costs[True].flops == pytest.approx(costs[False].flops, rel=0.01)
 
