@@ -111,8 +111,10 @@ def initialize_distributed() -> bool:
 
   if jax.distributed.is_initialized():
     return True
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if "," in hosts or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+  # libtpu leaves a warning sentence (with commas) here when it finds no metadata.
+  workers = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")
+             if h and " " not in h]
+  if len(workers) > 1 or os.environ.get("JAX_COORDINATOR_ADDRESS"):
     n, i = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
     jax.distributed.initialize(num_processes=int(n) if n else None,
                                process_id=int(i) if i else None)

@@ -42,6 +42,9 @@ def test_validate_names_the_config_values():
 
 
 def test_initialize_distributed_is_a_no_op_on_one_host(monkeypatch):
-  monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
   monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+  monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
+  assert sharding.initialize_distributed() is False
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "WARNING: could not determine TPU worker "
+                     "hostnames or IP addresses, please set env var")
   assert sharding.initialize_distributed() is False
