@@ -67,7 +67,9 @@ def topology_devices(topology: str) -> tuple[Chip, list]:
 
   try:
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
-  except Exception as e:  # libtpu raises its own runtime error types
+  except jax.errors.JaxRuntimeError as e:
+    if "INVALID_ARGUMENT" not in str(e):
+      raise
     raise ValueError(f"compile.topology={topology!r}: {e}") from None
   chip = CHIPS[match.group(1)]
   if devices[0].device_kind != chip.device_kind:
