@@ -25,7 +25,7 @@ SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidd
              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024)
 
 
-def _median_seconds(fns, repeats):
+def median_seconds(fns, repeats):
   """Median wall time of each function, interleaved so machine noise hits both alike."""
   times = [[] for _ in fns]
   for _ in range(repeats):
@@ -62,7 +62,7 @@ def main():
 
   # The first calls are the warm-up (and JAX's compilation).
   max_diff = float(np.abs(np.asarray(run_ours()) - run_ref().numpy()).max())
-  t_ours, t_ref = _median_seconds([run_ours, run_ref], args.repeats)
+  t_ours, t_ref = median_seconds([run_ours, run_ref], args.repeats)
   tokens = args.batch * args.seq
   print(json.dumps({
       "bench": "model_forward", "batch": args.batch, "seq": args.seq, "dtype": "float32",

@@ -12,13 +12,12 @@ medians, the ratio (ours / theirs) and each side's first-step loss.
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 
 import jax.numpy as jnp
 import numpy as np
 import torch
+from model_forward import median_seconds  # bench/ is on sys.path when run as a script
 from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
 import derta_jax
@@ -135,17 +134,6 @@ def _theirs(model, batch):
   return run
 
 
-def _median_seconds(fns, repeats):
-  """Median wall time of each function, interleaved so machine noise hits both alike."""
-  times = [[] for _ in fns]
-  for _ in range(repeats):
-    for fn, ts in zip(fns, times, strict=True):
-      start = time.perf_counter()
-      fn()
-      ts.append(time.perf_counter() - start)
-  return [statistics.median(ts) for ts in times]
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=5)
@@ -168,7 +156,7 @@ def main():
   # Both start from the same weights, so their first losses must agree; the first steps
   # are the warm-up (JAX's compilation, torch's allocation of the AdamW state).
   first_ours, first_theirs = ours(), theirs()
-  t_ours, t_theirs = _median_seconds([ours, theirs], args.repeats)
+  t_ours, t_theirs = median_seconds([ours, theirs], args.repeats)
   tokens = args.batch * args.seq_len
   print(json.dumps({
       "bench": "train_step",
