@@ -16,9 +16,9 @@ WORDS = ("the plan needs a rope , a map and 3 friends ; then wait until night . 
 
 
 def _llama3_tokenizer_path():
+  """The real LLaMA-3 tokenizer file, shipped by llama-models (requirements-dev.txt)."""
   spec = importlib.util.find_spec("llama_models")
-  if spec is None:
-    pytest.skip("llama-models (the LLaMA-3 tokenizer file) is not installed")
+  assert spec is not None, "pip install -r requirements-dev.txt (llama-models ships the file)"
   return os.path.join(os.path.dirname(spec.origin), "llama3", "tokenizer.model")
 
 
@@ -166,8 +166,9 @@ def test_epochs_recut_prefixes_unless_static():
 def test_llama3_tokenizer_matches_meta_and_resolves_sorry(llama3):
   import pathlib
 
-  reference = pytest.importorskip("llama_models.llama3.tokenizer").Tokenizer(
-      pathlib.Path(_llama3_tokenizer_path()))
+  from llama_models.llama3.tokenizer import Tokenizer
+
+  reference = Tokenizer(pathlib.Path(_llama3_tokenizer_path()))
   rng = np.random.default_rng(0)
   texts = [_text(rng, 30) for _ in range(20)] + ["Sorry", " I'm sorry<|end_of_text|>",
                                                  "[INST] q [\\INST]  x\n\n  y"]
