@@ -18,13 +18,19 @@ from configs import toy_cpu
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg not in (None, "", "export"):
+    raise ValueError(f"configs/llama3_tpu.py:{arg}: variants are '' and 'export'")
   config = toy_cpu.get_config(arg)
+  # Train (the toy default's mode is its toy world); `:export` re-exports.
+  config.mode = "export" if arg == "export" else "train"
   # LLaMA-3-8B; use "llama3_1_8b" for LLaMA-3.1 (rope scaling, 128k context).
   config.model.preset = "llama3_8b"
   # bf16 matmuls on the MXU; parameters stay fp32 (master weights).
   config.model.dtype = "bfloat16"
   # Recompute each layer's activations in the backward pass, keeping matmul outputs.
   config.model.remat = "dots_no_batch"
+  # The Pallas splash-attention kernel: causal and packed-segment masks without [T, T] masks.
+  config.model.attention = "splash"
   # All chips on FSDP; tensor parallelism pays off only beyond ~256 chips for 8B.
   config.mesh.fsdp = -1
   config.data.source = "recipe"
@@ -46,4 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.ckpt.max_to_keep = 3
   # Export in bf16, as Meta ships LLaMA-3.
   config.export.dtype = "bfloat16"
+  # Generation for --config.mode=eval: evaluate's defaults for full-length answers (the
+  # toy's responses are short).
+  config.eval.max_new_tokens = 256
+  config.eval.batch_size = 16
+  config.eval.prefill_ks = "0,3,5,10,20,40"
   return config

@@ -1,25 +1,32 @@
-"""Embedded default: DeRTa fine-tuning of a tiny LLaMA on CPU, in float32.
+"""Embedded default: the toy safety world, DeRTa against its baselines, on a CPU.
 
   python run.py                                   # = --config=configs/toy_cpu.py
 
-Trains the tiny preset from random init for 60 steps on a small synthetic DeRTa mix
-(random-word requests; harmful and safe responses; helpful pairs; a word-level tokenizer
-written to <workdir>/tokenizer), checkpointing with Orbax and resuming if run again, then
-exports <workdir>/hf. It prints one JSON line with the final loss (about a minute on 2
-cores). `:export` runs the checkpoint export round trip instead. The synthetic safety world
-with its evaluation replaces this data in issue #7.
+Writes the synthetic safety world of derta_jax/toyworld.py (requests "how to <verb> the
+<object>", a few verbs harmful; a word-level tokenizer) to <workdir>/world, pre-trains the
+tiny preset into a base that complies with everything (<workdir>/base, reused on re-runs),
+fine-tunes the recipes of toyworld.recipes from it with the same budget, evaluates each on
+held-out (verb, object) pairs (prefilling attack, code-wrapped attack, helpfulness,
+over-refusal, refusal positions and probe) and writes <workdir>/report.md, report.json and
+plots. It prints the report's table, then one JSON line of metrics (minutes on 2 cores).
+`:quick` is a smaller, faster run of the same (for tests); `:export` runs the checkpoint
+export round trip. `--config.mode=train` trains once on the small random-word source of
+derta_jax/data/synthetic.py (60 steps, about a minute), `--config.mode=eval
+--config.eval.harmful_path=q.jsonl` evaluates a workdir's latest checkpoint.
 """
 
 import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  if arg not in (None, "", "export"):
-    raise ValueError(f"configs/toy_cpu.py:{arg}: variants are '' and 'export'")
+  if arg not in (None, "", "export", "quick"):
+    raise ValueError(f"configs/toy_cpu.py:{arg}: variants are '', 'quick' and 'export'")
   config = ml_collections.ConfigDict()
-  # What run.py does: "train", "export" (write <workdir>/hf and check the reload) or
-  # "compile" (ahead-of-time compile of the train step for compile.topology).
-  config.mode = "export" if arg == "export" else "train"
+  # What run.py does: "train", "export" (write <workdir>/hf and check the reload),
+  # "compile" (ahead-of-time compile of the train step for compile.topology) or "eval"
+  # (the suites of config.eval on the workdir's latest checkpoint; see derta_jax/evaluate.py)
+  # or "toyworld" (the toy world's base, recipes, evaluation and report; see toyworld_run.py).
+  config.mode = "export" if arg == "export" else "toyworld"
   # Seed of parameter init, data order, prefix cuts and RTO keep masks.
   config.seed = 0
 
@@ -35,6 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.scan_layers = True
   # Rematerialisation policy per layer: none | full | dots | dots_no_batch.
   config.model.remat = "none"
+  # Attention: "xla" (einsums, any backend) or "splash" (the Pallas TPU kernel; TPU only).
+  config.model.attention = "xla"
 
   config.init = ml_collections.ConfigDict()
   # HF checkpoint directory to start from; "" = random init of model.preset.
@@ -107,6 +116,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.micro_batches = 1
   # Write metrics.jsonl / TensorBoard every this many steps.
   config.train.log_every = 10
+  # XLA:TPU options of the jitted step (derta_jax.sharding.TPU_COMPILER_OPTIONS): "overlap"
+  # (asynchronous, overlapped FSDP collectives) or "default" (XLA's own); ignored off TPU.
+  config.train.tpu_compiler_options = "overlap"
 
   config.optim = ml_collections.ConfigDict()
   # AdamW with a warmup + schedule equal to HF Trainer's.
@@ -130,7 +142,89 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Largest safetensors shard, in MiB.
   config.export.max_shard_mb = 5120
 
+  config.lora = ml_collections.ConfigDict()
+  # LoRA adapter rank; 0 = full fine-tune. With a rank, only the adapters train, checkpoints
+  # hold them alone, and the run ends by writing <workdir>/hf (merged) and <workdir>/peft.
+  config.lora.rank = 0
+  # Update scale alpha / rank (PEFT's, not rsLoRA's alpha / sqrt(rank)).
+  config.lora.alpha = 16.0
+  # Dropout on the adapters' input while training (PEFT's lora_dropout).
+  config.lora.dropout = 0.0
+  # Projections with adapters, comma-separated, of q,k,v,o,gate,up,down.
+  config.lora.targets = "q,k,v,o,gate,up,down"
+  # Storage dtype of the frozen base weights (adapters are fp32).
+  config.lora.base_dtype = "float32"
+  # Init of A: "kaiming_uniform" (PEFT's default) or "gaussian" (std 1/rank); B starts at 0.
+  config.lora.init_a = "kaiming_uniform"
+
+  config.toyworld = ml_collections.ConfigDict()
+  # Recipes fine-tuned from the base, in the report's order.
+  config.toyworld.recipes = "vanilla,recaug,rto_only,derta"
+  # Objects held out per verb: those pairs are in no training file, only in evaluation.
+  config.toyworld.heldout_per_verb = 6
+  # Share of benign train pairs also in the helpful data wrapped as code (never harmful ones).
+  config.toyworld.wrapped_helpful = 0.25
+  # Held-out benign pairs evaluated (helpfulness, over-refusal).
+  config.toyworld.eval_benign = 48
+  # Base pre-training (every train pair complied with, plain and wrapped): steps, peak lr.
+  config.toyworld.base_steps = 600
+  config.toyworld.base_lr = 3e-3
+  # Each recipe's fine-tuning from the base: steps, peak lr (schedule etc. from optim).
+  config.toyworld.steps = 150
+  config.toyworld.lr = 1e-3
+  # Safety examples per recipe, split into RTO / prefix-MLE / vanilla parts as the paper's
+  # 6,000 are (derta: half RTO, half prefix-MLE on the same questions).
+  config.toyworld.n_safety = 288
+  # Rows per step and tokens per row, base and recipes alike.
+  config.toyworld.global_batch = 16
+  config.toyworld.seq_len = 128
+
   config.compile = ml_collections.ConfigDict()
   # TPU topology for mode=compile, e.g. v5p:4x4x4 or v5e:16x16.
   config.compile.topology = "v5p:4x4x4"
+
+  config.eval = ml_collections.ConfigDict()
+  # Harmful questions, upstream eval JSONL {"question"}: template, generate, judge -> ASR.
+  config.eval.harmful_path = ""
+  # Questions fed raw, without a template (the authors' completion attack) -> ASR.
+  config.eval.completion_attack_path = ""
+  # Triples {"instruction","output","safe_response"}: first k tokens of the harmful output
+  # prefilled, the continuation judged -> ASR per k.
+  config.eval.prefilling_path = ""
+  # Harmful questions: token index of the first refusal phrase (reuses harmful's
+  # generations when this is harmful_path).
+  config.eval.refusal_position_path = ""
+  # Triples: teacher-forced P(refusal token) at every position of the harmful output.
+  config.eval.refusal_probe_path = ""
+  # Benign questions -> share refused.
+  config.eval.over_refusal_path = ""
+  # GSM8K {"question","answer"} (answer ends "#### 42") -> accuracy on the last number.
+  config.eval.gsm8k_path = ""
+  # MMLU {"question","answer"} (options "(A)".."(D)" in the question; answer "C") -> accuracy.
+  config.eval.mmlu_path = ""
+  # AlpacaEval questions -> generations in AlpacaEval's format (instruction, output, generator).
+  config.eval.alpaca_path = ""
+  # Prompt template of derta_jax.data.templates.TEMPLATES (the authors' eval prompt).
+  config.eval.template = "upstream_eval"
+  # Refusal judge: "strict", "gcg", "qi" (keyword lists) or "model:<HF checkpoint dir>".
+  config.eval.judge = "strict"
+  # Longest generation, in tokens.
+  config.eval.max_new_tokens = 40
+  # Prompts per generation batch (and rows per refusal-probe forward pass).
+  config.eval.batch_size = 64
+  # Harmful-output tokens prefilled by the prefilling suite, comma-separated.
+  config.eval.prefill_ks = "0,2,5,10,15,20"
+  # Sampling temperature (0 = greedy) and nucleus mass; samples are seeded with `seed`.
+  config.eval.temperature = 0.0
+  config.eval.top_p = 1.0
+  # Use only the first n items of every file; 0 = all.
+  config.eval.limit = 0
+  # The "generator" name in the AlpacaEval file; "" = derta_jax:<workdir name>.
+  config.eval.generator = ""
+  if arg == "quick":  # base, vanilla and derta only, shorter: for tests (about a minute)
+    config.toyworld.recipes = "vanilla,derta"
+    config.toyworld.base_steps = 250
+    config.toyworld.steps = 60
+    config.toyworld.eval_benign = 24
+    config.eval.prefill_ks = "0,2,10"
   return config

@@ -30,6 +30,7 @@ import numpy as np
 
 from derta_jax import main, optim, sharding, train
 from derta_jax.data import tokenize
+from derta_jax.models import lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,16 +145,30 @@ def _instruction(line: str) -> tuple[bool, Instruction] | None:
                                             operands, line[args_end:])
 
 
+def _logical_lines(hlo_text: str) -> list[str]:
+  """Lines with instructions rejoined: a string attribute may hold newlines (Pallas
+  kernels' xprof metadata), and its continuation can even start with "}"."""
+  lines: list[str] = []
+  for line in hlo_text.splitlines():
+    starts_item = (not line or line == "}" or not line.startswith((" ", "}"))
+                   or _ASSIGN.match(line) is not None)
+    if lines and not starts_item:
+      lines[-1] += "\n" + line
+    else:
+      lines.append(line)
+  return lines
+
+
 def parse_hlo(hlo_text: str) -> tuple[dict[str, Computation], str]:
   """(computations by name, entry name) of an HLO module's text."""
   comps, entry, current, root = {}, None, None, None
-  for line in hlo_text.splitlines():
+  for line in _logical_lines(hlo_text):
     header = _HEADER.match(line)
     if header:
       current, root = {}, None
       name = header.group(2)
       entry = name if header.group(1) else entry
-    elif current is not None and line.startswith("}"):
+    elif current is not None and line == "}":
       comps[name] = Computation(current, root or next(reversed(current)))
       current = None
     elif current is not None and (parsed := _instruction(line)):
@@ -216,6 +231,30 @@ def _matmul_flops(comp: Computation, ins: Instruction) -> float:
   return (2.0 * out[out_labels.index("b")] * out[out_labels.index("f")]
           * rhs[rhs_labels.index("i")]
           * _window_taps(ins.attrs, lhs, lhs_labels, out, out_labels))
+
+
+# Matmuls per call of the splash-attention kernels (jax.experimental.pallas), which carry
+# neither a cycle estimate nor a cost_estimate: the forward computes QK^T and PV, the dq
+# kernel QK^T, dO V^T and dS K, the dkv kernel QK^T, P^T dO, dO V^T and dS^T Q.
+_SPLASH_MATMULS = (("_fwd", 2), ("_dq_", 3), ("_dkv_", 4))
+
+
+def _splash_flops(comp: Computation, ins: Instruction) -> float:
+  """FLOPs of a splash kernel call, every (query, key) block counted: an upper bound, as
+  the causal kernel skips the blocks above the diagonal. 0.0 for any other kernel."""
+  name = ins.name + (re.search(r'op_name="([^"]*)"', ins.attrs) or [None, ""])[1]
+  if "splash_m" not in name:
+    return 0.0
+  matmuls = next((n for key, n in _SPLASH_MATMULS if key in name), 0)
+  shapes = [_arrays(comp.instructions[o].shape)[0][1] for o in ins.operands
+            if o in comp.instructions and _arrays(comp.instructions[o].shape)]
+  # Queries [..., G, T, H] (one more dim than keys [..., S, H]); keys' S from the 4-d ones.
+  rank = max(len(d) for d in shapes)
+  queries = max((d for d in shapes if len(d) == rank), key=math.prod)
+  keys = [d for d in shapes if len(d) == rank - 1 and d[-1] == queries[-1]]
+  if not keys:
+    return 0.0
+  return 2.0 * matmuls * math.prod(queries) * max(d[-2] for d in keys)
 
 
 def _scalar(comps, comp_name, name, outer=None):
@@ -334,7 +373,8 @@ def _computation_cost(comps, name, memo) -> HloCost:
     if ins.opcode in ("dot", "convolution"):
       cost.flops = _matmul_flops(comp, ins)
     elif ins.opcode == "custom-call" and own is None:
-      cost.flops = cost.unestimated_flops = _number(ins, "flops") or 0.0  # Pallas cost_estimate
+      # A Pallas kernel's cost_estimate, else our count for the splash kernels.
+      cost.flops = cost.unestimated_flops = _number(ins, "flops") or _splash_flops(comp, ins)
     elif ins.opcode in _COLLECTIVES:
       sent = _largest_bytes(ins.shape) * (1 + ins.opcode.startswith("all-reduce"))
       chain = re.search(r'chain_id="(\w+)"', ins.attrs)
@@ -386,9 +426,13 @@ def step_seconds(cost: HloCost, chip: Chip, devices_per_chip: int = 1) -> float:
 
 
 def model_flops_per_step(model_config, tokens: int, seq_len: int) -> float:
-  """MaxText's convention: 6 N per token for the weights plus 12 L T D for attention."""
+  """MaxText's convention: 6 N per token for the weights plus 12 L T D for attention. With
+  LoRA the frozen base needs no weight gradients (4 N), the adapters' N_a train (6 N_a)."""
   c = model_config
-  return 6.0 * c.num_params() * tokens + 12.0 * c.n_layers * seq_len * c.d_model * tokens
+  weights = 6.0 * c.num_params()
+  if c.lora is not None:
+    weights = 4.0 * c.num_params() + 6.0 * lora.num_params(c)
+  return weights * tokens + 12.0 * c.n_layers * seq_len * c.d_model * tokens
 
 
 def summarize(*, topology: str, chip: Chip, devices: int, devices_per_chip: int,
@@ -429,6 +473,9 @@ def compile_train_step(config: ml_collections.ConfigDict, devices):
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
                             devices=devices)
   model_config = main.model_config(config)
+  if config.lora.rank:  # adapters train in fp32; the frozen base is held in lora.base_dtype
+    model_config = model_config.replace(lora=lora.from_config(config.lora),
+                                        param_dtype=config.lora.base_dtype)
   t, o, loss = config.train, config.optim, config.loss
   sharding.validate(mesh, global_batch_size=t.global_batch, model_config=model_config)
   # num_steps only sizes the learning-rate table; 0 (= from the data) compiles the same.
@@ -437,6 +484,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices):
       warmup_ratio=o.warmup_ratio, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
       b1=o.b1, b2=o.b2, eps=o.eps)
   graphdef, state, shardings = train.abstract_state(model_config, tx, mesh)
+  base, base_shardings = train.abstract_base(model_config, mesh)
   loss_config = train.LossConfig(
       refusal_ids=tuple(loss.refusal_ids) or _DEFAULT_REFUSAL_IDS, rto_weight=loss.rto_weight,
       normalize=loss.normalize, z_loss=loss.z_loss, chunk_size=loss.chunk_size,
@@ -446,7 +494,9 @@ def compile_train_step(config: ml_collections.ConfigDict, devices):
   rows = sharding.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct((t.global_batch, t.seq_len), jnp.int32, sharding=rows)
            for k in tokenize.ARRAYS}
-  compiled = train.jit_train_step(step, shardings, mesh).lower(state, batch).compile()
+  args = (state, batch) if base is None else (state, batch, base)
+  compiled = train.jit_train_step(step, shardings, mesh, base_shardings,
+                                  t.tpu_compiler_options).lower(*args).compile()
   return compiled, model_config
 
 
@@ -464,7 +514,7 @@ def compile_report(config: ml_collections.ConfigDict, workdir: str | Path) -> di
   chip, devices = topology_devices(topology)
   devices_per_chip = len(devices) // len({tuple(d.coords) for d in devices})
   extra = dict(remat=config.model.remat, micro_batches=t.micro_batches,
-               mesh=config.mesh.to_dict())
+               mesh=config.mesh.to_dict(), lora_rank=config.lora.rank)
   start = time.perf_counter()
   try:
     compiled, model_config = compile_train_step(config, devices)

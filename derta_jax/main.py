@@ -17,13 +17,13 @@ from derta_jax import sharding
 from derta_jax.checkpoints import hf
 from derta_jax.models import llama
 
-MODES = ("train", "export", "compile")
+MODES = ("train", "export", "compile", "eval", "toyworld")
 
 
 def model_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
   m = config.model
   return llama.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype,
-                      scan_layers=m.scan_layers, remat=m.remat)
+                      scan_layers=m.scan_layers, remat=m.remat, attention=m.attention)
 
 
 def config_mesh(config: ml_collections.ConfigDict):
@@ -114,6 +114,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     from derta_jax import aot
 
     summary = aot.compile_report(config, workdir)
+  elif config.mode == "eval":
+    from derta_jax import eval_run
+
+    summary = eval_run.run(config, workdir)
+  elif config.mode == "toyworld":
+    from derta_jax import toyworld_run
+
+    summary = toyworld_run.run(config, workdir)
   else:
     from derta_jax import train
 

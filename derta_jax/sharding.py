@@ -23,6 +23,8 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    # LoRA ranks are small (8 to 128) and rarely divide a mesh axis.
+    ("lora_rank", None),
 )
 
 
@@ -66,6 +68,38 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
                      f"but there are {len(devices)} devices; use -1 for one axis")
   shape = tuple(sizes[a] for a in MESH_AXES)
   return Mesh(mesh_utils.create_device_mesh(shape, devices), MESH_AXES)
+
+
+# XLA:TPU options for the FSDP train step ("overlap"): asynchronous collectives fused and
+# overlapped with the layer matmuls, all-gathers kept as all-gathers instead of zero-filled
+# buffers + all-reduces, and the data-parallel gradient reduction optimised. Measured by
+# ahead-of-time compiling LLaMA-3-8B on v5p:4x4x4 (gb 128, seq 1024; README): estimated
+# step 0.470 s with XLA's defaults -> 0.364 s.
+TPU_COMPILER_OPTIONS = {
+    "overlap": {
+        "xla_tpu_enable_async_collective_fusion": True,
+        "xla_tpu_enable_async_collective_fusion_fuse_all_gather": True,
+        "xla_tpu_enable_async_collective_fusion_fuse_reduce_scatter": True,
+        "xla_tpu_enable_async_collective_fusion_multiple_steps": True,
+        "xla_tpu_overlap_compute_collective_tc": True,
+        "xla_enable_async_all_gather": True,
+        "xla_enable_async_reduce_scatter_fusion": True,
+        "xla_tpu_prefer_async_allgather_to_allreduce": True,
+        "xla_tpu_enable_data_parallel_all_reduce_opt": True,
+        "xla_tpu_data_parallel_opt_different_sized_ops": True,
+    },
+    "default": {},
+}
+
+
+def compiler_options(mesh: Mesh, preset: str = "overlap") -> dict | None:
+  """The XLA options of TPU_COMPILER_OPTIONS[preset] when the mesh is TPU, else None."""
+  if preset not in TPU_COMPILER_OPTIONS:
+    raise ValueError(f"train.tpu_compiler_options={preset!r}; choose one of "
+                     f"{sorted(TPU_COMPILER_OPTIONS)}")
+  if mesh.devices.flat[0].platform != "tpu":
+    return None
+  return dict(TPU_COMPILER_OPTIONS[preset]) or None
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

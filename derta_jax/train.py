@@ -4,6 +4,11 @@ State: {"step": int32, "params": fp32 master params (nnx.State), "opt_state": op
 The model runs in its compute dtype; the loss is `derta_loss_from_hidden` (no [B, T, V]
 logits), normalised by the token counts of the whole global batch, so gradient
 accumulation over micro-batches gives the full-batch gradient.
+
+With LoRA (config.lora.rank > 0) "params" holds the adapters only, and the frozen base
+weights (in lora.base_dtype) are a separate argument of the step, sharded, never donated
+and never checkpointed: a checkpoint is the adapters plus the config, whose init.hf_path
+names the base.
 """
 
 from __future__ import annotations
@@ -22,11 +27,11 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from derta_jax import data, losses, optim, sharding
+from derta_jax import data, lora_train, losses, optim, sharding
 from derta_jax import metrics as metrics_lib
-from derta_jax.checkpoints import hf, orbax
+from derta_jax.checkpoints import hf, orbax, peft
 from derta_jax.data import pipeline, synthetic
-from derta_jax.models import llama
+from derta_jax.models import llama, lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,26 +82,46 @@ def state_shardings(params: nnx.State, tx: optax.GradientTransformation, mesh: M
   return dict(step=replicated, params=p_shardings, opt_state=opt)
 
 
+def split_model(model: llama.Llama):
+  """(graphdef, trained params, frozen base or None): with LoRA only the adapters train."""
+  if model.config.lora is None:
+    return (*nnx.split(model, nnx.Param), None)
+  return nnx.split(model, lora.LoraParam, nnx.Param)
+
+
 def abstract_state(config: llama.LlamaConfig, tx: optax.GradientTransformation,
                    mesh: Mesh | None = None):
   """(graphdef, train state of jax.ShapeDtypeStructs, shardings or None): nothing allocated."""
-  graphdef, params = nnx.split(llama.abstract_model(config), nnx.Param)
+  graphdef, params, _ = split_model(llama.abstract_model(config))
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
   state = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                opt_state=jax.eval_shape(tx.init, params))
   if mesh is None:
     return graphdef, state, None
-  shardings = state_shardings(nnx.split(llama.abstract_model(config), nnx.Param)[1], tx, mesh)
+  shardings = state_shardings(split_model(llama.abstract_model(config))[1], tx, mesh)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
                        shardings)
   return graphdef, state, shardings
 
 
-def loss_fn(graphdef, params, batch, loss_config: LossConfig, *, counts):
+def abstract_base(config: llama.LlamaConfig, mesh: Mesh | None = None):
+  """(frozen base of jax.ShapeDtypeStructs in config.param_dtype, shardings or None) of a
+  LoRA model; (None, None) without LoRA."""
+  if config.lora is None:
+    return None, None
+  base = split_model(llama.abstract_model(config))[2]
+  if mesh is None:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base), None
+  shardings = param_shardings(base, mesh)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), base,
+                      shardings), shardings
+
+
+def loss_fn(graphdef, params, batch, loss_config: LossConfig, *, counts, base=None):
   """(loss, metrics) of one (micro-)batch; `counts` are the global batch's token counts."""
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, params) if base is None else nnx.merge(graphdef, params, base)
   hidden_BxTxD = model.hidden_states(batch["input_ids"], batch.get("positions"),
-                                     batch.get("segment_ids"))
+                                     batch.get("segment_ids"), batch.get("lora_keys"))
   unembed_DxV = model.unembed_DxV().astype(model.config.compute_dtype)
   return losses.derta_loss_from_hidden(
       hidden_BxTxD=hidden_BxTxD, unembed_DxV=unembed_DxV, batch=batch,
@@ -107,10 +132,14 @@ def loss_fn(graphdef, params, batch, loss_config: LossConfig, *, counts):
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable,
                     loss_config: LossConfig, *, micro_batches: int = 1):
-  """train_step(state, batch) -> (state, metrics), not yet jitted."""
+  """train_step(state, batch[, base]) -> (state, metrics), not yet jitted; `base`: the frozen
+  weights of a LoRA model."""
 
-  def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
+  def train_step(state: dict[str, Any], batch: dict[str, jax.Array], base=None):
     batch = dict(batch)
+    if base is not None:  # LoRA dropout keys, one a row: micro-batches take their rows' keys
+      batch["lora_keys"] = lora.row_keys(seed=loss_config.seed, step=state["step"],
+                                         rows=batch["input_ids"].shape[0])
     if loss_config.rto_keep_rate < 1.0:
       batch["rto_mask"] = losses.rto_keep_mask(
           rto_mask_BxT=batch["rto_mask"], keep_rate=loss_config.rto_keep_rate,
@@ -119,8 +148,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
 
     def grad_fn(micro):
       return jax.value_and_grad(
-          lambda p: loss_fn(graphdef, p, micro, loss_config, counts=counts), has_aux=True)(
-              state["params"])
+          lambda p: loss_fn(graphdef, p, micro, loss_config, counts=counts, base=base),
+          has_aux=True)(state["params"])
 
     (loss, metrics), grads = optim.accumulate_gradients(grad_fn, batch,
                                                         micro_batches=micro_batches)
@@ -138,28 +167,45 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
 
 
 def init_state(model: llama.Llama, tx: optax.GradientTransformation, mesh: Mesh | None = None):
-  """(graphdef, state, state shardings or None) from a model; params become fp32 masters."""
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  """(graphdef, state, state shardings or None) from a model; params become fp32 masters
+  (with LoRA: the adapters; `frozen_base` gives the rest)."""
+  graphdef, trained, _ = split_model(model)
+  params = jax.tree.map(lambda x: x.astype(jnp.float32), trained)
   if mesh is None:
     # Committed to one device, like the step's outputs, so the step compiles only once.
     state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params))
     return graphdef, jax.device_put(state, jax.local_devices()[0]), None
-  shardings = state_shardings(nnx.state(model, nnx.Param), tx, mesh)
+  shardings = state_shardings(trained, tx, mesh)
   params = jax.device_put(params, shardings["params"])
   state = dict(step=jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]), params=params,
                opt_state=jax.jit(tx.init, out_shardings=shardings["opt_state"])(params))
   return graphdef, state, shardings
 
 
-def jit_train_step(train_step, state_shardings, mesh: Mesh | None):
-  """jit with in/out shardings (batch rows over data x fsdp) and the state donated."""
+def frozen_base(model: llama.Llama, mesh: Mesh | None = None):
+  """(base, shardings or None) of a LoRA model, placed as the step takes it; (None, None)
+  without LoRA."""
+  base = split_model(model)[2]
+  if base is None:
+    return None, None
+  if mesh is None:
+    return jax.device_put(base, jax.local_devices()[0]), None
+  shardings = param_shardings(base, mesh)
+  return jax.device_put(base, shardings), shardings
+
+
+def jit_train_step(train_step, state_shardings, mesh: Mesh | None, base_shardings=None,
+                   tpu_compiler_options: str = "overlap"):
+  """jit with in/out shardings (batch rows over data x fsdp) and the state donated; the
+  frozen base of a LoRA step (`base_shardings`) is read, never donated."""
   if mesh is None:
     return jax.jit(train_step, donate_argnums=0)
   rows = sharding.batch_sharding(mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
-  jitted = jax.jit(train_step, in_shardings=(state_shardings, rows),
-                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+  base = () if base_shardings is None else (base_shardings,)
+  jitted = jax.jit(train_step, in_shardings=(state_shardings, rows, *base),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0,
+                   compiler_options=sharding.compiler_options(mesh, tpu_compiler_options))
   return _MeshStep(jitted, mesh)
 
 
@@ -170,9 +216,9 @@ class _MeshStep:
   def __init__(self, jitted, mesh: Mesh):
     self._jitted, self._mesh = jitted, mesh
 
-  def __call__(self, state, batch):
+  def __call__(self, *args):
     with jax.set_mesh(self._mesh):
-      return self._jitted(state, batch)
+      return self._jitted(*args)
 
   def lower(self, *args):
     with jax.set_mesh(self._mesh):
@@ -245,6 +291,13 @@ def check_config(config) -> None:
   if t.log_every < 1 or config.ckpt.every_steps < 1:
     problems.append(f"train.log_every ({t.log_every}) and ckpt.every_steps "
                     f"({config.ckpt.every_steps}) must be >= 1")
+  if t.tpu_compiler_options not in sharding.TPU_COMPILER_OPTIONS:
+    problems.append(f"train.tpu_compiler_options={t.tpu_compiler_options!r}; choose one of "
+                    f"{sorted(sharding.TPU_COMPILER_OPTIONS)}")
+  if config.model.attention == "splash" and jax.default_backend() != "tpu":
+    problems.append(f"model.attention='splash' runs on TPU only (this is {jax.default_backend()}"
+                    "); use 'xla' (mode=compile checks a TPU step from any machine)")
+  problems += lora_train.config_problems(config.lora)
   if problems:
     raise ValueError("; ".join(problems))
 
@@ -277,20 +330,32 @@ def run(config, workdir: Path) -> dict:
 
   ckpt = orbax.Checkpointer(workdir, every_steps=config.ckpt.every_steps,
                             max_to_keep=config.ckpt.max_to_keep or None)
+  base = base_shardings = None
+  if config.lora.rank:  # the base is rebuilt on resume too: checkpoints hold adapters only
+    model = lora.attach(lora_train.frozen_base_model(config, mesh),
+                        lora.from_config(config.lora), seed=config.seed, mesh=mesh)
+    base, base_shardings = frozen_base(model, mesh)
+    model_config = model.config
   if ckpt.latest_step() is not None:
+    if base is not None:
+      lora_train.check_same_base(ckpt.restore_config(), config, ckpt.directory)
     graphdef, abstract, shardings = abstract_state(model_config, tx, mesh)
     state, start = ckpt.restore(abstract)
     logging.info("resumed from step %d in %s", start, ckpt.directory)
   else:
-    model = derta_main.build_model(config, mesh)
+    if base is None:
+      model = derta_main.build_model(config, mesh)
     graphdef, state, shardings = init_state(model, tx, mesh)
-    if config.init.orbax_path:
+    if config.init.orbax_path and base is None:
       state["params"] = orbax.load_params(config.init.orbax_path, jax.tree.map(
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
           state["params"]))
     start = 0
   step_fn = jit_train_step(make_train_step(graphdef, tx, schedule, loss_config,
-                                           micro_batches=t.micro_batches), shardings, mesh)
+                                           micro_batches=t.micro_batches), shardings, mesh,
+                           base_shardings, t.tpu_compiler_options)
+  model = None  # its adapters may be the state's buffers, which the step donates
+  frozen = () if base is None else (base,)
   logger = metrics_lib.MetricsLogger(workdir, total_steps=num_steps, start_step=start,
                                      enabled=jax.process_index() == 0)
   ckpt.install_signal_handler()
@@ -312,7 +377,7 @@ def run(config, workdir: Path) -> dict:
     for step in range(start, num_steps):
       local = pipe.batch(step)
       tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
-      state, metrics_dev = step_fn(state, sharding.global_batch(local, mesh))
+      state, metrics_dev = step_fn(state, sharding.global_batch(local, mesh), *frozen)
       if pending is not None:  # the previous step's metrics, read while this one runs
         last = fetch(pending)
       pending = (step + 1, metrics_dev, tokens)
@@ -332,8 +397,19 @@ def run(config, workdir: Path) -> dict:
   summary = dict(mode="train", steps=int(jax.device_get(state["step"])), num_steps=num_steps,
                  **{k: last[k] for k in ("loss", "mle_loss", "rto_loss") if k in last})
   if int(summary["steps"]) == num_steps:
-    model = nnx.merge(graphdef, state["params"])
-    hf.save_hf(model, workdir / "hf", dtype=config.export.dtype or None,
-               max_shard_bytes=int(config.export.max_shard_mb * 2**20))
-    summary["hf_dir"] = str(workdir / "hf")
+    model = nnx.merge(graphdef, state["params"], *frozen)
+    summary.update(export(model, config, workdir))
   return summary
+
+
+def export(model: llama.Llama, config, workdir: Path) -> dict:
+  """<workdir>/hf; with LoRA the merged weights there and the adapters in <workdir>/peft."""
+  dtype = config.export.dtype or None
+  out = {}
+  if model.config.lora is not None:
+    peft.save_peft(model, workdir / "peft", base_name_or_path=config.init.hf_path)
+    out["peft_dir"] = str(workdir / "peft")
+    model = lora.merge(model, dtype)
+  hf.save_hf(model, workdir / "hf", dtype=dtype,
+             max_shard_bytes=int(config.export.max_shard_mb * 2**20))
+  return dict(out, hf_dir=str(workdir / "hf"))

@@ -113,6 +113,25 @@ def test_custom_calls_without_flops():
   assert cost.untimed == 1 and cost.cycles == cost.flops == 0
 
 
+def test_splash_kernels_counted_by_their_matmuls_and_multiline_attributes():
+  """Pallas splash kernels carry no estimate: each is timed at its matmul FLOPs (fwd 2,
+  dq 3, dkv 4 per query-key pair). Their xprof metadata spans lines, one starting with "}",
+  which must neither end the loop body nor hide its root."""
+  q, k = "bf16[2,8,4,256,128]{4,3,2,1,0}", "bf16[2,8,256,128]{3,2,1,0}"
+  lines = [f"  %q = {q} parameter(1)", f"  %kv = {k} parameter(2)"]
+  for name in ("splash_mqa_fwd_segmented_residuals.1", "splash_mqa_dq_segmented.2",
+               "splash_mqa_dkv_segmented.3"):
+    lines.append(f'  %{name} = {q} custom-call(%q, %kv, %kv), '
+                 'custom_call_target="tpu_custom_call", backend_config={"custom_call_config": '
+                 '{"body": ""}, "xprof_metadata":"{\\"block_q\\": 512,')
+    lines.append('}}, metadata={op_name="jit(step)/splash"}')
+  comps, call = _loop("loop", lines, trips=3)
+  cost = aot.hlo_cost(_module([comps], [call]))
+  per_pair = 2.0 * 2 * 8 * 4 * 256 * 128 * 256
+  assert cost.flops == cost.unestimated_flops == 3 * (2 + 3 + 4) * per_pair
+  assert cost.unknown_loops == 0 and cost.untimed == 0
+
+
 def test_matmul_flops_in_fusions_and_loops():
   dot = """%fused_dot (a: bf16[8,32], b: bf16[32,16]) -> bf16[8,16] {
   %a = bf16[8,32]{1,0} parameter(0)

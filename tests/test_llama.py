@@ -168,6 +168,7 @@ def test_param_dtype_is_storage_dtype():
     (dict(head_dim=15), r"head_dim \(15\) must be even"),
     (dict(attn_q_block=-1), r"attn_q_block must be an int >= 0, got -1"),
     (dict(d_ff=0), r"d_ff must be a positive int, got 0"),
+    (dict(attention="flash"), r"attention='flash'; choose one of \('xla', 'splash'"),
     (dict(colour="red"), r"unknown LlamaConfig field\(s\) \['colour'\]"),
 ])
 def test_config_validation(overrides, message):
@@ -178,3 +179,30 @@ def test_config_validation(overrides, message):
 def test_unknown_preset():
   with pytest.raises(ValueError, match=r"unknown model preset 'llama9'; choose one of"):
     llama.preset("llama9")
+
+
+def _packed_ids(batch, t):
+  ids = jax.random.randint(jax.random.key(0), (batch, t), 0, 256)
+  cut = jnp.asarray([[40], [100]])[:batch]
+  return ids, 1 + (jnp.arange(t)[None] >= cut).astype(jnp.int32)
+
+
+def test_splash_kernel_equals_xla_attention():
+  """The Pallas splash kernel (interpreted on CPU) against the einsum attention: packed rows,
+  forward and gradients, on one device and inside the FSDP shard_map on a 2x2x2 mesh."""
+  xla = llama.init_model(llama.preset("tiny"), seed=0)
+  splash = llama.init_model(llama.preset("tiny", attention="splash_interpret"), seed=0)
+  ids, segments = _packed_ids(2, 128)
+
+  def loss(model):
+    return jnp.mean(model.hidden_states(ids, segment_ids_BxT=segments) ** 2)
+
+  np.testing.assert_allclose(splash.hidden_states(ids, segment_ids_BxT=segments),
+                             xla.hidden_states(ids, segment_ids_BxT=segments), atol=2e-6)
+  ids, segments = jnp.tile(ids, (4, 1)), jnp.tile(segments, (4, 1))
+  with jax.set_mesh(sharding.make_mesh(2, 2, 2)):
+    got = [nnx.jit(nnx.value_and_grad(loss))(m) for m in (xla, splash)]
+  (loss_x, grads_x), (loss_s, grads_s) = got
+  assert float(loss_s) == pytest.approx(float(loss_x), rel=1e-6)
+  for gx, gs in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_s), strict=True):
+    np.testing.assert_allclose(gs, gx, rtol=1e-5, atol=1e-5 * float(jnp.abs(gx).max()))

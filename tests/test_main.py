@@ -1,4 +1,5 @@
-"""run.py end to end: the default config, a TPU config on a tiny checkpoint, config errors."""
+"""run.py end to end: the default config's train mode, a TPU config on a tiny checkpoint,
+config errors (the default's toyworld mode: test_toyworld.py)."""
 
 import json
 import subprocess
@@ -21,7 +22,8 @@ def _summary(proc):
 
 
 def test_default_config_trains_checkpoints_and_exports(tmp_path):
-  summary = _summary(_run(cwd=tmp_path))  # no flags: configs/toy_cpu.py, workdir runs/toy_cpu
+  # No --config: configs/toy_cpu.py, workdir runs/toy_cpu.
+  summary = _summary(_run("--config.mode=train", cwd=tmp_path))
   workdir = tmp_path / "runs" / "toy_cpu"
   assert summary["mode"] == "train" and summary["steps"] == summary["num_steps"] == 60
   assert summary["rto_loss"] < 1.0 and summary["loss"] < 5.0  # log(256) = 5.5 at the start
@@ -65,7 +67,8 @@ def test_checkpoint_that_is_not_the_preset(hf_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("flag, message", [
     ("--config.modle.preset=tiny", "modle"),
-    ("--config.mode=serve", "config.mode='serve'; choose one of ('train', 'export', 'compile')"),
+    ("--config.mode=serve", "config.mode='serve'; choose one of ('train', 'export', 'compile', 'eval', "
+                        "'toyworld')"),
     ("--config.model.preset=llama9", "unknown model preset 'llama9'"),
 ])
 def test_bad_config_values_fail_clearly(tmp_path, flag, message):

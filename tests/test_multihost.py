@@ -15,7 +15,8 @@ from derta_jax.data import synthetic
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 # A constant lr without warmup: the schedule does not depend on train.num_steps.
-FLAGS = ("--config=" + str(ROOT / "configs" / "toy_cpu.py"), "--config.train.log_every=1",
+FLAGS = ("--config=" + str(ROOT / "configs" / "toy_cpu.py"), "--config.mode=train",
+         "--config.train.log_every=1",
          "--config.optim.schedule=constant", "--config.optim.warmup_ratio=0.0",
          "--config.ckpt.every_steps=3")
 COMPARED = ("loss", "mle_loss", "rto_loss", "grad_norm")

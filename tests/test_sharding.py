@@ -48,3 +48,11 @@ def test_initialize_distributed_is_a_no_op_on_one_host(monkeypatch):
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "WARNING: could not determine TPU worker "
                      "hostnames or IP addresses, please set env var")
   assert sharding.initialize_distributed() is False
+
+
+def test_tpu_compiler_options_only_on_tpu():
+  mesh = sharding.make_mesh(1, -1, 1)
+  assert sharding.compiler_options(mesh) is None  # CPU devices: XLA:CPU has no such flags
+  assert sharding.TPU_COMPILER_OPTIONS["overlap"]["xla_tpu_prefer_async_allgather_to_allreduce"]
+  with pytest.raises(ValueError, match="train.tpu_compiler_options='fast'; choose one of"):
+    sharding.compiler_options(mesh, "fast")

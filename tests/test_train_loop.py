@@ -13,7 +13,7 @@ from configs import toy_cpu
 from derta_jax import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = dict(optim__schedule="constant", optim__lr=3e-3, train__log_every=1,
+OVERRIDES = dict(mode="train", optim__schedule="constant", optim__lr=3e-3, train__log_every=1,
                  ckpt__every_steps=5, ckpt__max_to_keep=0)
 
 
@@ -118,6 +118,8 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
     (dict(loss__normalize="mean"), "normalize='mean'"),
     (dict(data__refusal_text="I cannot"), "is 2 tokens"),
     (dict(train__micro_batches=3), "micro"),
+    (dict(train__tpu_compiler_options="fast"), "train.tpu_compiler_options='fast'"),
+    (dict(model__attention="splash"), "model.attention='splash' runs on TPU only"),
 ])
 def test_bad_configs_fail_before_training_with_the_value(tmp_path, overrides, match):
   with pytest.raises(ValueError, match=match):

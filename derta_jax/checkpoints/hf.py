@@ -76,6 +76,12 @@ def _tensor_map(config: llama.LlamaConfig) -> list[_Tensor]:
   return tensors
 
 
+def module_names(config: llama.LlamaConfig) -> dict[tuple[str, ...], str]:
+  """Our parameter path -> the name of the HF module holding it ("{i}": the layer), e.g.
+  ("layers", "attn", "q") -> "model.layers.{i}.self_attn.q_proj" (PEFT names adapters so)."""
+  return {t.path: t.hf.removesuffix(".weight") for t in _tensor_map(config)}
+
+
 def _hf_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   if layout == "same":
     return shape
@@ -284,7 +290,8 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = N
   return nnx.merge(graphdef, nnx.from_flat_state(variables))
 
 
-def _host_value(x: jax.Array) -> np.ndarray:
+def host_value(x: jax.Array) -> np.ndarray:
+  """The whole array on this host, also when other hosts hold some of its shards."""
   if jax.process_count() > 1 and not x.is_fully_addressable:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
@@ -297,9 +304,9 @@ def _hf_tensors(model: llama.Llama, dtype) -> Iterator[tuple[str, np.ndarray]]:
     value = variables[t.path][...]
     if t.stacked:
       for i in range(model.config.n_layers):
-        yield t.hf.format(i=i), _to_hf(t.layout, _host_value(value[i]).astype(dtype))
+        yield t.hf.format(i=i), _to_hf(t.layout, host_value(value[i]).astype(dtype))
     else:
-      yield t.hf, _to_hf(t.layout, _host_value(value).astype(dtype))
+      yield t.hf, _to_hf(t.layout, host_value(value).astype(dtype))
 
 
 def save_hf(model: llama.Llama, path: str | os.PathLike, *, dtype=None,
@@ -313,6 +320,10 @@ def save_hf(model: llama.Llama, path: str | os.PathLike, *, dtype=None,
   directory = Path(path)
   if directory.exists() and not directory.is_dir():
     raise NotADirectoryError(f"save_hf: {directory} exists and is not a directory")
+  if model.config.lora is not None:
+    raise ValueError("save_hf: the model has LoRA adapters, which a LlamaForCausalLM "
+                     "checkpoint cannot hold; save lora.merge(model), and the adapters with "
+                     "checkpoints.peft.save_peft")
   dtype_name = jnp.dtype(dtype or model.config.weight_dtype).name
   if dtype_name not in llama.DTYPES:
     raise ValueError(f"save_hf: dtype={dtype_name!r}; choose one of {sorted(llama.DTYPES)}")

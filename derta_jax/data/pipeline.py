@@ -51,6 +51,9 @@ class Pipeline:
     self.process_index, self.process_count = process_index, process_count
     self._cache: dict[str, list[int]] = {}
     self._epochs: dict[int, _Epoch] = {}
+    # Steps of every epoch built so far: `locate` walks them all at every step, and only
+    # the last two epochs' rows are kept.
+    self._steps: dict[int, int] = {}
 
   def epoch(self, epoch: int) -> _Epoch:
     """The packed rows of one epoch (computed once; every process computes the same)."""
@@ -72,10 +75,13 @@ class Pipeline:
       stats.rows, stats.tokens = len(rows), int(sum(lengths))
       self._epochs = {e: v for e, v in self._epochs.items() if e >= epoch - 1}
       self._epochs[epoch] = _Epoch(fitted, [e.kind for e in examples], rows, stats)
+      self._steps[epoch] = len(rows) // self.global_batch
     return self._epochs[epoch]
 
   def steps_in_epoch(self, epoch: int) -> int:
-    return len(self.epoch(epoch).rows) // self.global_batch
+    if epoch not in self._steps:
+      self.epoch(epoch)
+    return self._steps[epoch]
 
   def locate(self, step: int) -> tuple[int, int]:
     """(epoch, batch index within it) of a global step."""

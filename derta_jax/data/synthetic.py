@@ -28,17 +28,27 @@ def make_sources(*, seed: int, n_helpful: int, n_triples: int):
 
 
 def write_tokenizer(directory: str | os.PathLike) -> str:
-  """A word-level tokenizer over WORDS, the templates' punctuation and the refusal.
+  """A word-level tokenizer over WORDS, the templates' punctuation and the refusal."""
+  extra = ("how", "to", "harm", "first", "?", ",", ".", "[", "]", "[\\", "INST", "Sorry", "I",
+           "cannot", "help", "with", "that", "<unk>")
+  return write_word_tokenizer(directory, extra + WORDS)
+
+
+def write_word_tokenizer(directory: str | os.PathLike, words) -> str:
+  """A word-level tokenizer: <pad>, <s>, </s>, then `words` (and <unk> last unless among
+  them); text splits on whitespace and punctuation runs.
 
   Written to a temporary sibling and renamed into place, so processes sharing a workdir
-  never read a half-written one (all of them write the same files).
+  never read a half-written one (all of them write the same files); an existing directory
+  is kept as it is.
   """
   from tokenizers import Tokenizer, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
 
-  extra = ("how", "to", "harm", "first", "?", ",", ".", "[", "]", "[\\", "INST", "Sorry", "I",
-           "cannot", "help", "with", "that", "<unk>")
-  vocab = {w: i for i, w in enumerate(SPECIAL + extra + WORDS)}
+  words = [*words] + ([] if "<unk>" in words else ["<unk>"])
+  vocab = {w: i for i, w in enumerate((*SPECIAL, *words))}
+  if len(vocab) != len(SPECIAL) + len(words):
+    raise ValueError(f"write_word_tokenizer: repeated words in {list(words)}")
   tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
   directory = os.fspath(directory)

@@ -1,7 +1,8 @@
 """LLaMA-family decoder in Flax NNX, numerically matching Hugging Face transformers.
 
 Shape legend: B batch, T query tokens, S key tokens, D model, N query heads, K kv heads,
-G query heads per kv head (N = K * G), H head dim, F MLP hidden, V vocab, L layers.
+G query heads per kv head (N = K * G), H head dim, F MLP hidden, V vocab, L layers,
+R LoRA rank (models/lora.py).
 
 Layers are always stored stacked (a leading "layers" axis on every block parameter), so
 a checkpoint is the same whether the forward pass scans over layers or unrolls them.
@@ -19,6 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from derta_jax.models import lora as lora_lib
+
+ATTENTION = ("xla", "splash", "splash_interpret")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 REMAT_POLICIES = {
@@ -64,12 +68,18 @@ class LlamaConfig:
   scan_layers: bool = True
   remat: str = "none"
   attn_q_block: int = 128  # queries per causal attention block; 0 = one block
+  # "xla": blocked einsums (any backend); "splash": the Pallas TPU splash-attention kernel
+  # (TPU only); "splash_interpret": that kernel interpreted, to test it on CPU.
+  attention: str = "xla"
+  lora: lora_lib.LoraConfig | None = None  # adapters on the projections; None: none
 
   def __post_init__(self):
     if self.head_dim is None:
       object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
     if isinstance(self.rope_scaling, Mapping):
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+    if isinstance(self.lora, Mapping):
+      object.__setattr__(self, "lora", lora_lib.LoraConfig(**self.lora))
     object.__setattr__(self, "eos_ids", tuple(self.eos_ids))
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
                 "head_dim"):
@@ -80,6 +90,8 @@ class LlamaConfig:
                        f"n_kv_heads ({self.n_kv_heads})")
     if not isinstance(self.attn_q_block, int) or self.attn_q_block < 0:
       raise ValueError(f"LlamaConfig.attn_q_block must be an int >= 0, got {self.attn_q_block!r}")
+    if self.attention not in ATTENTION:
+      raise ValueError(f"LlamaConfig.attention={self.attention!r}; choose one of {ATTENTION}")
     if self.head_dim % 2:
       raise ValueError(f"LlamaConfig.head_dim ({self.head_dim}) must be even for RoPE")
     for key in ("dtype", "param_dtype"):
@@ -302,6 +314,37 @@ def _attend(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale):
   return jnp.einsum("BKGTS,BKSH->BKGTH", probs_BxKxGxTxS.astype(v_BxKxSxH.dtype), v_BxKxSxH)
 
 
+def _splash(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, segment_ids_BxT, scale, *, interpret: bool):
+  """Causal, segment-masked attention with the Pallas splash kernel (one MQA kernel per
+  kv head and row). Under a mesh it runs per device: the kernel cannot be partitioned."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+  _, _, g, t, _ = q_BxKxGxTxH.shape
+  block = min(512, t)
+  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                        block_q_dq=block, block_kv_dq=block)
+  kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([sm.CausalMask((t, t))] * g),
+                                            block_sizes=sizes, interpret=interpret)
+
+  def one(q_GxTxH, k_TxH, v_TxH, segment_ids_T):
+    return kernel(q_GxTxH, k_TxH, v_TxH,
+                  segment_ids=sk.SegmentIds(q=segment_ids_T, kv=segment_ids_T))
+
+  run = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and set(mesh.axis_names) - set(mesh.manual_axes):
+    P = jax.sharding.PartitionSpec
+    auto = set(mesh.axis_names) - set(mesh.manual_axes)
+    rows = tuple(a for a in BATCH_AXES if a in auto) or None
+    heads = P(rows, "tensor" if "tensor" in auto else None)
+    run = jax.shard_map(run, mesh=mesh, axis_names=auto, check_vma=False,
+                        in_specs=(heads, heads, heads, P(rows)), out_specs=heads)
+  q_BxKxGxTxH = (q_BxKxGxTxH * scale).astype(q_BxKxGxTxH.dtype)
+  return run(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, segment_ids_BxT)
+
+
 class Attention(nnx.Module):
   """Grouped-query attention; `mask_BxTxS` combines causality and segments."""
 
@@ -312,15 +355,22 @@ class Attention(nnx.Module):
     self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), config)
     self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), config)
     self.o = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), config)
+    _add_adapters(self, ("q", "k", "v", "o"), config, rngs)
 
-  def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, mask_BxTxS):
+  def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, mask_BxTxS, cache=None, lora_keys_B=None):
+    """Without `cache`: the output. With `cache=(k_BxKxSxH, v_BxKxSxH, index)`: the new keys
+    and values are written at slots [index, index + T) and the queries attend to all S
+    slots under `mask_BxTxS`; returns (output, (k, v)). `lora_keys_B`: LoRA dropout."""
     cfg = self.config
     dt = cfg.compute_dtype
     b, t, _ = x_BxTxD.shape
     g = cfg.n_heads // cfg.n_kv_heads
-    q_BxTxNxH = jnp.einsum("BTD,DNH->BTNH", x_BxTxD, self.q[...].astype(dt))
-    k_BxSxKxH = jnp.einsum("BSD,DKH->BSKH", x_BxTxD, self.k[...].astype(dt))
-    v_BxSxKxH = jnp.einsum("BSD,DKH->BSKH", x_BxTxD, self.v[...].astype(dt))
+    q_BxTxNxH = _adapted(self, "q", jnp.einsum("BTD,DNH->BTNH", x_BxTxD, _gathered(self.q, dt)),
+                         x_BxTxD, lora_keys_B)
+    k_BxSxKxH = _adapted(self, "k", jnp.einsum("BSD,DKH->BSKH", x_BxTxD, _gathered(self.k, dt)),
+                         x_BxTxD, lora_keys_B)
+    v_BxSxKxH = _adapted(self, "v", jnp.einsum("BSD,DKH->BSKH", x_BxTxD, _gathered(self.v, dt)),
+                         x_BxTxD, lora_keys_B)
     q_BxTxNxH = _apply_rope(q_BxTxNxH, cos_BxTxH, sin_BxTxH)
     k_BxSxKxH = _apply_rope(k_BxSxKxH, cos_BxTxH, sin_BxTxH)
     # Head-major layouts make both attention matmuls plain batched GEMMs (faster on CPU).
@@ -328,16 +378,30 @@ class Attention(nnx.Module):
         0, 2, 3, 1, 4)
     k_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3)
     v_BxKxSxH = v_BxSxKxH.transpose(0, 2, 1, 3)
-    # Causal: query block [i, j) needs keys [0, j) only, so blocks skip the upper triangle.
-    block = cfg.attn_q_block or t
-    out_BxKxGxTxH = jnp.concatenate([
-        _attend(q_BxKxGxTxH[:, :, :, i:i + block], k_BxKxSxH[:, :, :i + block],
-                v_BxKxSxH[:, :, :i + block], mask_BxTxS[:, i:i + block, :i + block],
-                cfg.head_dim**-0.5)
-        for i in range(0, t, block)], axis=3)
+    scale = cfg.head_dim**-0.5
+    if cache is not None:
+      k_cache, v_cache, index = cache
+      k_BxKxSxH = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxKxSxH.astype(k_cache.dtype),
+                                                      index, axis=2)
+      v_BxKxSxH = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxKxSxH.astype(v_cache.dtype),
+                                                      index, axis=2)
+      out_BxKxGxTxH = _attend(q_BxKxGxTxH, k_BxKxSxH.astype(dt), v_BxKxSxH.astype(dt),
+                              mask_BxTxS, scale)
+    elif cfg.attention != "xla":  # `mask_BxTxS` holds the segment ids [B, T] here
+      out_BxKxGxTxH = _splash(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale,
+                              interpret=cfg.attention == "splash_interpret")
+    else:
+      # Causal: query block [i, j) needs keys [0, j) only, so blocks skip the upper triangle.
+      block = cfg.attn_q_block or t
+      out_BxKxGxTxH = jnp.concatenate([
+          _attend(q_BxKxGxTxH[:, :, :, i:i + block], k_BxKxSxH[:, :, :i + block],
+                  v_BxKxSxH[:, :, :i + block], mask_BxTxS[:, i:i + block, :i + block], scale)
+          for i in range(0, t, block)], axis=3)
     out_BxTxNxH = out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.n_heads,
                                                                  cfg.head_dim)
-    return jnp.einsum("BTNH,NHD->BTD", out_BxTxNxH, self.o[...].astype(dt))
+    out_BxTxD = _adapted(self, "o", jnp.einsum("BTNH,NHD->BTD", out_BxTxNxH,
+                                               _gathered(self.o, dt)), out_BxTxNxH, lora_keys_B)
+    return out_BxTxD if cache is None else (out_BxTxD, (k_BxKxSxH, v_BxKxSxH))
 
 
 class MLP(nnx.Module):
@@ -349,13 +413,32 @@ class MLP(nnx.Module):
     self.gate = _param(rngs, (d, f), ("embed", "mlp"), config)
     self.up = _param(rngs, (d, f), ("embed", "mlp"), config)
     self.down = _param(rngs, (f, d), ("mlp", "embed"), config)
+    _add_adapters(self, ("gate", "up", "down"), config, rngs)
 
-  def __call__(self, x_BxTxD):
+  def __call__(self, x_BxTxD, lora_keys_B=None):
     dt = self.dtype
-    gate_BxTxF = jnp.einsum("BTD,DF->BTF", x_BxTxD, self.gate[...].astype(dt))
-    up_BxTxF = jnp.einsum("BTD,DF->BTF", x_BxTxD, self.up[...].astype(dt))
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BxTxF) * up_BxTxF,
-                      self.down[...].astype(dt))
+    gate_BxTxF = _adapted(self, "gate", jnp.einsum("BTD,DF->BTF", x_BxTxD,
+                                                   _gathered(self.gate, dt)), x_BxTxD, lora_keys_B)
+    up_BxTxF = _adapted(self, "up", jnp.einsum("BTD,DF->BTF", x_BxTxD, _gathered(self.up, dt)),
+                        x_BxTxD, lora_keys_B)
+    hidden_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+    return _adapted(self, "down", jnp.einsum("BTF,FD->BTD", hidden_BxTxF,
+                                             _gathered(self.down, dt)), hidden_BxTxF, lora_keys_B)
+
+
+def _add_adapters(module: nnx.Module, names, config: LlamaConfig, rngs: nnx.Rngs) -> None:
+  """A LoRA adapter `<name>_lora` for each of `names` that config.lora targets."""
+  for name in names:
+    if config.lora is not None and name in config.lora.targets:
+      setattr(module, f"{name}_lora", lora_lib.Adapter(name, config, rngs=rngs))
+
+
+def _adapted(module: nnx.Module, name: str, y, x, lora_keys_B):
+  """`y` plus the LoRA update of projection `name` of input `x`; `y` itself without one."""
+  adapter = getattr(module, f"{name}_lora", None)
+  if adapter is None:
+    return y
+  return y + adapter(x, lora_keys_B, lambda var: _gathered(var, y.dtype))
 
 
 class Block(nnx.Module):
@@ -365,25 +448,69 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config, rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, mask_BxTxS):
-    x_BxTxD = _rows_sharded(x_BxTxD)
-    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, mask_BxTxS)
-    return _rows_sharded(x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)))
+  def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, mask_BxTxS, cache=None, lora_keys_B=None):
+    """The block's output, or (output, (k, v)) with a KV cache (see Attention)."""
+    attn = self.attn(self.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, mask_BxTxS, cache,
+                     lora_keys_B)
+    attn_BxTxD, kv = attn if cache is not None else (attn, None)
+    x_BxTxD = x_BxTxD + attn_BxTxD
+    x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD), lora_keys_B)
+    return x_BxTxD if cache is None else (x_BxTxD, kv)
 
 
+# Batch rows are split over both data-parallel mesh axes (as in derta_jax.sharding).
 BATCH_AXES = ("data", "fsdp")
 
 
-def _rows_sharded(x_BxTxD):
-  """Under a mesh (jax.set_mesh), pin the residual stream to batch-row sharding.
+def _gathered(param: nnx.Param, dtype):
+  """A block weight in the compute dtype, all-gathered over "fsdp" inside `_fsdp_layers`.
 
-  Without it GSPMD may spread activations along D like the FSDP-sharded weights, which for
-  LLaMA-3-8B on v5p:4x4x4 made the step need 274 GB of temporaries per chip instead of 12.
+  Casting first halves the bytes moved; the transpose of all_gather is a reduce-scatter,
+  so each device receives only its shard of the weight gradient.
+  """
+  w = param[...].astype(dtype)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or "fsdp" not in mesh.manual_axes:
+    return w
+  dim = _fsdp_dim(param.get_metadata()["out_sharding"][-w.ndim:])
+  if dim is None:
+    return w
+  return jax.lax.all_gather(w, "fsdp", axis=dim, tiled=True)
+
+
+def _fsdp_dim(axes) -> int | None:
+  from derta_jax import sharding  # noqa: PLC0415 (sharding does not import the model)
+  spec = tuple(sharding.logical_to_spec(axes))
+  return spec.index("fsdp") if "fsdp" in spec else None
+
+
+def _fsdp_layers(block, layer_state, batch: int, extra_specs=(), check_vma: bool = True):
+  """`block` run per device with explicit FSDP collectives, or unchanged without a mesh.
+
+  Under a mesh (jax.set_mesh, as the train step runs) with fsdp > 1, each layer runs in a
+  shard_map that is manual over ("data", "fsdp"): activations stay split by batch rows,
+  and each weight is gathered on use (`_gathered`). Left to GSPMD, the gathers inside the
+  layer scan compiled on v5p to zero-filled full buffers plus 64-way all-reduces, forward
+  and backward, and activations could drift to the weights' sharding along D (274 GB of
+  temporaries per chip for LLaMA-3-8B). "tensor", when present, stays automatic.
+  `extra_specs`: the specs of arguments that follow the usual five.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-    return x_BxTxD
-  return jax.lax.with_sharding_constraint(x_BxTxD, jax.sharding.PartitionSpec(BATCH_AXES))
+  if (mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or mesh.shape["fsdp"] == 1
+      or batch % (mesh.shape["data"] * mesh.shape["fsdp"])):
+    return block
+  P = jax.sharding.PartitionSpec
+
+  def spec(var):
+    dim = _fsdp_dim(var.get_metadata()["out_sharding"][1:])  # [0] is the "layers" axis
+    return var.replace(P(*["fsdp" if i == dim else None for i in range(var.ndim - 1)]))
+
+  state_specs = jax.tree.map(spec, layer_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  rows = P(BATCH_AXES)
+  # Pallas kernels carry no varying-axes types, so the splash path turns the check off.
+  return jax.shard_map(block, mesh=mesh, axis_names=set(BATCH_AXES), check_vma=check_vma,
+                       in_specs=(rows, state_specs, rows, rows, rows, *extra_specs),
+                       out_specs=rows)
 
 
 def _stacked_blocks(config: LlamaConfig, rngs: nnx.Rngs) -> Block:
@@ -411,8 +538,12 @@ class Llama(nnx.Module):
       self.lm_head = _param(rngs, (config.d_model, config.vocab_size), ("embed", "vocab"),
                             config)
 
-  def hidden_states(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None):
-    """Final-norm hidden states [B, T, D] in the compute dtype."""
+  def hidden_states(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None,
+                    lora_keys_B=None):
+    """Final-norm hidden states [B, T, D] in the compute dtype.
+
+    `lora_keys_B`: PRNG keys, one per row, that switch LoRA dropout on (training only).
+    """
     cfg = self.config
     dt = cfg.compute_dtype
     b, t = input_ids_BxT.shape
@@ -420,26 +551,86 @@ class Llama(nnx.Module):
       segment_ids_BxT = jnp.ones((b, t), jnp.int32)
     if positions_BxT is None:
       positions_BxT = positions_from_segments(segment_ids_BxT)
-    freqs_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
-    angles_BxTxH = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
-    cos_BxTxH, sin_BxTxH = jnp.cos(angles_BxTxH).astype(dt), jnp.sin(angles_BxTxH).astype(dt)
+    cos_BxTxH, sin_BxTxH = self._rope(positions_BxT)
     causal_TxS = jnp.tril(jnp.ones((t, t), bool))
     mask_BxTxS = causal_TxS & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+    if cfg.attention != "xla":  # the kernel builds the mask itself from the segment ids
+      mask_BxTxS = segment_ids_BxT
 
     x_BxTxD = jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(dt)
     graphdef, layer_state = nnx.split(self.layers)
 
-    def block(x_BxTxD, state):
-      return nnx.merge(graphdef, state)(x_BxTxD, cos_BxTxH, sin_BxTxH, mask_BxTxS), None
+    # With dropout, each layer also takes the row keys and its index (from which its masks
+    # are drawn); without, the program is the one of a model that has no adapters.
+    dropout = lora_keys_B is not None and cfg.lora is not None and cfg.lora.dropout > 0
+
+    def layer(x_BxTxD, state, cos_BxTxH, sin_BxTxH, mask_BxTxS, *keys_i):
+      keys_B = lora_lib.layer_keys(*keys_i) if keys_i else None
+      return nnx.merge(graphdef, state)(x_BxTxD, cos_BxTxH, sin_BxTxH, mask_BxTxS,
+                                        lora_keys_B=keys_B)
+
+    P = jax.sharding.PartitionSpec
+    layer = _fsdp_layers(layer, layer_state, b, (P(BATCH_AXES), P()) if dropout else (),
+                         check_vma=cfg.attention == "xla")
+
+    def block(x_BxTxD, xs):
+      state, keys_i = (xs[0], (lora_keys_B, xs[1])) if dropout else (xs, ())
+      return layer(x_BxTxD, state, cos_BxTxH, sin_BxTxH, mask_BxTxS, *keys_i), None
 
     if cfg.remat != "none":
       block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    xs = (layer_state, jnp.arange(cfg.n_layers)) if dropout else layer_state
     if cfg.scan_layers:
-      x_BxTxD, _ = jax.lax.scan(block, x_BxTxD, layer_state)
+      x_BxTxD, _ = jax.lax.scan(block, x_BxTxD, xs)
     else:
       for i in range(cfg.n_layers):
-        x_BxTxD, _ = block(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], layer_state))
+        x_BxTxD, _ = block(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], xs))
     return self.final_norm(x_BxTxD)
+
+  def _rope(self, positions_BxT):
+    cfg = self.config
+    freqs_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
+    angles_BxTxH = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
+    dt = cfg.compute_dtype
+    return jnp.cos(angles_BxTxH).astype(dt), jnp.sin(angles_BxTxH).astype(dt)
+
+  def init_cache(self, batch: int, slots: int, dtype=None):
+    """An empty KV cache: k and v of shape [L, B, K, S, H] (compute dtype by default)."""
+    cfg = self.config
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, slots, cfg.head_dim)
+    zeros = jnp.zeros(shape, dtype or cfg.compute_dtype)
+    return {"k": zeros, "v": zeros}
+
+  def decode(self, input_ids_BxT, positions_BxT, mask_BxTxS, cache, index):
+    """Tokens at cache slots [index, index + T) -> (final-norm hidden [B, T, D], cache).
+
+    `mask_BxTxS` says which of the cache's S slots each new token attends to (its own
+    slot included); the caller keeps it causal and hides padding.
+    """
+    cfg = self.config
+    cos_BxTxH, sin_BxTxH = self._rope(positions_BxT)
+    x_BxTxD = jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(cfg.compute_dtype)
+    graphdef, layer_state = nnx.split(self.layers)
+
+    def block(carry, state_i):
+      x_BxTxD, k_LxBxKxSxH, v_LxBxKxSxH = carry
+      state, i = state_i
+      x_BxTxD, (k_BxKxSxH, v_BxKxSxH) = nnx.merge(graphdef, state)(
+          x_BxTxD, cos_BxTxH, sin_BxTxH, mask_BxTxS,
+          (k_LxBxKxSxH[i], v_LxBxKxSxH[i], index))
+      # Written back in place into the carried cache: no per-step copy of the whole cache.
+      return (x_BxTxD, k_LxBxKxSxH.at[i].set(k_BxKxSxH),
+              v_LxBxKxSxH.at[i].set(v_BxKxSxH)), None
+
+    carry = (x_BxTxD, cache["k"], cache["v"])
+    layers = jnp.arange(cfg.n_layers)
+    if cfg.scan_layers:
+      carry, _ = jax.lax.scan(block, carry, (layer_state, layers))
+    else:
+      for i in range(cfg.n_layers):
+        carry, _ = block(carry, (jax.tree.map(lambda a, i=i: a[i], layer_state), i))
+    x_BxTxD, k, v = carry
+    return self.final_norm(x_BxTxD), {"k": k, "v": v}
 
   def unembed_DxV(self):
     """The output projection [D, V] as stored (the embedding transposed when tied)."""

@@ -1,0 +1,185 @@
+"""run.py's toyworld mode: the paper's central comparison, end to end, on the toy world.
+
+  <workdir>/world/          the world's files and tokenizer (toyworld.write_world)
+  <workdir>/base/           a "base" model pre-trained to comply with every request
+  <workdir>/recipes/<name>/ each recipe fine-tuned from the base with the same budget, and
+                            its evaluations: harmful/eval, benign/eval, second_attack/eval
+  <workdir>/report.{md,json} and plots (toyworld_report)
+
+Every training is `train.run` on a derived config (so checkpoints, resume and export are
+the normal ones: a finished run is reused, an interrupted one resumes); every evaluation is
+`evaluate.evaluate` on the held-out pairs. Recipes differ only in config.data.recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from derta_jax import data, evaluate, toyworld, toyworld_report, train
+from derta_jax.checkpoints import hf, orbax
+from derta_jax.data import recipes
+
+# Config sections whose change makes an existing run in the workdir another experiment.
+_TRAINING_KEYS = ("seed", "model", "init", "data", "loss", "train", "optim", "lora")
+
+
+def check_config(config) -> list[str]:
+  """The recipe names; ValueError names every bad toyworld.<key>."""
+  w = config.toyworld
+  names = [n.strip() for n in w.recipes.split(",") if n.strip()]
+  problems = []
+  unknown = sorted(set(names) - set(recipes.RECIPES))
+  if not names or unknown or len(set(names)) != len(names):
+    problems.append(f"toyworld.recipes={w.recipes!r}: give distinct names of "
+                    f"{sorted(recipes.RECIPES)}")
+  for key in ("base_steps", "steps", "n_safety", "global_batch", "seq_len", "eval_benign"):
+    if isinstance(w[key], bool) or not isinstance(w[key], int) or w[key] < 1:
+      problems.append(f"toyworld.{key}={w[key]!r} must be an int >= 1")
+  for key in ("base_lr", "lr"):
+    if not w[key] > 0:
+      problems.append(f"toyworld.{key}={w[key]!r} must be > 0")
+  if not 0.0 <= w.wrapped_helpful <= 1.0:
+    problems.append(f"toyworld.wrapped_helpful={w.wrapped_helpful!r} must be in [0, 1]")
+  e = config.eval
+  values = {f.name: e.get(f.name, getattr(evaluate.Settings, f.name))
+            for f in dataclasses.fields(evaluate.Settings)}
+  try:
+    settings = evaluate.check_settings(values, e.judge, prefix="eval.")
+    if 0 not in settings.prefill_ks:
+      problems.append(f"eval.prefill_ks={e.prefill_ks!r} must include 0: helpfulness is "
+                      "the benign response with nothing prefilled")
+  except ValueError as err:
+    problems.append(str(err))
+  if config.lora.rank:
+    problems.append(f"lora.rank={config.lora.rank}: the toy world fine-tunes every weight; "
+                    "set lora.rank=0")
+  if problems:
+    raise ValueError("; ".join(problems))
+  return names
+
+
+def _derived(config, **values):
+  """A copy of config with "section.key" values replaced, in mode train."""
+  sub = config.copy_and_resolve_references()
+  sub.mode = "train"
+  for key, value in values.items():
+    node = sub
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return sub
+
+
+def base_config(config, files: toyworld.Files):
+  """Pre-training on the base corpus alone: recipe vanilla with no safety examples."""
+  w = config.toyworld
+  return _derived(config, **{
+      "data.source": "recipe", "data.recipe": "vanilla", "data.n_vanilla": 0,
+      "data.helpful_path": str(files.base), "data.triples_path": str(files.triples),
+      "data.tokenizer_path": str(files.tokenizer), "init.hf_path": "", "init.orbax_path": "",
+      "train.num_steps": w.base_steps, "train.global_batch": w.global_batch,
+      "train.seq_len": w.seq_len, "optim.lr": w.base_lr})
+
+
+def recipe_config(config, files: toyworld.Files, name: str, base_hf: Path):
+  """Fine-tuning from the base: the helpful data plus toyworld.n_safety safety examples,
+  split into the recipe's parts in the paper's proportions (of 6,000)."""
+  w = config.toyworld
+  parts = dict(recipes.RECIPES[name])
+  counts = {p: round(parts.get(p, 0) * w.n_safety / 6000) for p in ("rto", "prefix", "vanilla")}
+  return _derived(config, **{
+      "data.source": "recipe", "data.recipe": name, "data.n_rto": counts["rto"],
+      "data.n_prefix": counts["prefix"], "data.n_vanilla": counts["vanilla"],
+      "data.helpful_path": str(files.helpful), "data.triples_path": str(files.triples),
+      "data.tokenizer_path": str(files.tokenizer), "init.hf_path": str(base_hf),
+      "init.orbax_path": "", "train.num_steps": w.steps, "train.global_batch": w.global_batch,
+      "train.seq_len": w.seq_len, "optim.lr": w.lr})
+
+
+def _check_not_stale(sub, workdir: Path) -> None:
+  """An existing run in `workdir` must have been trained with this config's settings."""
+  if not (workdir / "checkpoints").is_dir():
+    return
+  with orbax.Checkpointer(workdir, every_steps=1) as ckpt:
+    if ckpt.latest_step() is None:
+      return
+    stored = ckpt.restore_config()
+  current = sub.to_dict()
+  diff = {k: (stored.get(k), current[k]) for k in _TRAINING_KEYS if stored.get(k) != current[k]}
+  if diff:
+    raise ValueError(f"{workdir} holds a run trained with other settings; (stored, now) differ "
+                     f"in {sorted(diff)}: {diff}; use a fresh workdir")
+
+
+def train_once(sub, workdir: Path) -> dict:
+  """train.run, which resumes a run or only re-exports a finished one; seconds it took."""
+  _check_not_stale(sub, workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  start = time.perf_counter()
+  summary = train.run(sub, workdir)
+  return dict(summary, seconds=round(time.perf_counter() - start, 1))
+
+
+def evaluate_recipe(model, tokenizer, files: toyworld.Files, config, workdir: Path,
+                    refusal: tuple[int, ...]) -> dict:
+  """The report's metrics of one model, from three evaluate calls on held-out pairs."""
+  e = config.eval
+  common = dict(template=e.template, judge=e.judge, max_new_tokens=e.max_new_tokens,
+                batch_size=e.batch_size, prefill_ks=e.prefill_ks, temperature=e.temperature,
+                top_p=e.top_p, seed=config.seed, refusal_ids=refusal)
+  start = time.perf_counter()
+  harmful = evaluate.evaluate(model, tokenizer, workdir=workdir / "harmful", suites=dict(
+      harmful=files.harmful, refusal_position=files.harmful, prefilling=files.harmful_triples,
+      refusal_probe=files.harmful_triples), **common)
+  benign = evaluate.evaluate(model, tokenizer, workdir=workdir / "benign",
+                             suites=dict(prefilling=files.benign_triples), **common)
+  second = evaluate.evaluate(model, tokenizer, workdir=workdir / "second_attack",
+                             suites=dict(harmful=files.wrapped), **common)
+  metrics = toyworld_report.recipe_metrics(
+      tokenizer, files, harmful=harmful, benign=benign, second=second)
+  metrics["eval_seconds"] = round(time.perf_counter() - start, 1)
+  return metrics
+
+
+def run(config, workdir: Path) -> dict:
+  """Base, recipes, evaluation, report; the report's table is printed, the summary returned."""
+  names = check_config(config)
+  start = time.perf_counter()
+  if not jax.config.jax_compilation_cache_dir:
+    # The recipes' train steps are one program: compiled once, then read back (on a re-run,
+    # every program is).
+    jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
+  w = config.toyworld
+  files = toyworld.write_world(workdir / "world", seed=config.seed,
+                               heldout_per_verb=w.heldout_per_verb,
+                               wrapped_helpful=w.wrapped_helpful, eval_benign=w.eval_benign)
+  tokenizer = data.load_tokenizer(files.tokenizer)
+  refusal = data.refusal_ids(tokenizer, config.data.refusal_text,
+                             policy=config.data.refusal_policy)
+
+  def trained_and_evaluated(sub, sub_dir: Path) -> dict:
+    trained = train_once(sub, sub_dir)
+    model = hf.load_hf(sub_dir / "hf", dtype=jnp.dtype(config.model.param_dtype),
+                       compute_dtype=jnp.dtype(config.model.dtype))
+    metrics = evaluate_recipe(model, tokenizer, files, config, sub_dir, refusal)
+    logging.warning("toyworld: %s trained (%s s) and evaluated", sub_dir, trained["seconds"])
+    return dict(metrics, steps=trained["steps"], final_loss=trained.get("loss"),
+                train_seconds=trained["seconds"])
+
+  base_dir = workdir / "base"
+  base = trained_and_evaluated(base_config(config, files), base_dir)
+  results = {name: trained_and_evaluated(recipe_config(config, files, name, base_dir / "hf"),
+                                         workdir / "recipes" / name) for name in names}
+  summary = dict(mode="toyworld", workdir=str(workdir), base=base, recipes=results,
+                 seconds=round(time.perf_counter() - start, 1))
+  table = toyworld_report.write_report(workdir, summary, config)
+  if jax.process_index() == 0:
+    print(table)
+  return summary
