@@ -167,10 +167,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Held-out benign pairs evaluated (helpfulness, over-refusal).
   config.toyworld.eval_benign = 48
   # Base pre-training (every train pair complied with, plain and wrapped): steps, peak lr.
-  config.toyworld.base_steps = 600
+  config.toyworld.base_steps = 500
   config.toyworld.base_lr = 3e-3
   # Each recipe's fine-tuning from the base: steps, peak lr (schedule etc. from optim).
-  config.toyworld.steps = 150
+  config.toyworld.steps = 120
   config.toyworld.lr = 1e-3
   # Safety examples per recipe, split into RTO / prefix-MLE / vanilla parts as the paper's
   # 6,000 are (derta: half RTO, half prefix-MLE on the same questions).
@@ -223,8 +223,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.generator = ""
   if arg == "quick":  # base, vanilla and derta only, shorter: for tests (about a minute)
     config.toyworld.recipes = "vanilla,derta"
-    config.toyworld.base_steps = 250
-    config.toyworld.steps = 60
+    config.toyworld.base_steps = 200
+    config.toyworld.steps = 50
     config.toyworld.eval_benign = 24
     config.eval.prefill_ks = "0,2,10"
   return config

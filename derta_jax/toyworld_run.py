@@ -8,18 +8,20 @@
 
 Every training is `train.run` on a derived config (so checkpoints, resume and export are
 the normal ones: a finished run is reused, an interrupted one resumes); every evaluation is
-`evaluate.evaluate` on the held-out pairs. Recipes differ only in config.data.recipe.
+`evaluate.evaluate` on the held-out pairs. Recipes differ only in their data (data.recipe
+and its part counts): same base, steps, lr and seed. Compiled programs are cached in
+<workdir>/xla_cache unless a JAX compilation cache is already set.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 
 from derta_jax import data, evaluate, toyworld, toyworld_report, train
 from derta_jax.checkpoints import hf, orbax
@@ -30,7 +32,7 @@ _TRAINING_KEYS = ("seed", "model", "init", "data", "loss", "train", "optim", "lo
 
 
 def check_config(config) -> list[str]:
-  """The recipe names; ValueError names every bad toyworld.<key>."""
+  """The recipe names; one ValueError names every bad toyworld.<key> and eval.<key>."""
   w = config.toyworld
   names = [n.strip() for n in w.recipes.split(",") if n.strip()]
   problems = []
@@ -165,11 +167,13 @@ def run(config, workdir: Path) -> dict:
                              policy=config.data.refusal_policy)
 
   def trained_and_evaluated(sub, sub_dir: Path) -> dict:
+    if jax.process_index() == 0:  # the progress bars do not say which model they train
+      print(f"toyworld: {sub_dir.name}: {sub.train.num_steps} training steps, then "
+            "evaluation", file=sys.stderr, flush=True)
     trained = train_once(sub, sub_dir)
     model = hf.load_hf(sub_dir / "hf", dtype=jnp.dtype(config.model.param_dtype),
                        compute_dtype=jnp.dtype(config.model.dtype))
     metrics = evaluate_recipe(model, tokenizer, files, config, sub_dir, refusal)
-    logging.warning("toyworld: %s trained (%s s) and evaluated", sub_dir, trained["seconds"])
     return dict(metrics, steps=trained["steps"], final_loss=trained.get("loss"),
                 train_seconds=trained["seconds"])
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import HF_CASES
+from flax import nnx
 
 import derta_jax
 from derta_jax import generate as gen
@@ -43,10 +44,13 @@ def test_greedy_equals_transformers_generate(hf_checkpoint, case):
 
 
 def _full_recompute_greedy(model, prompt, n):
+  """Greedy decoding that reruns the whole forward pass for every token (no cache). The row
+  is right-padded to a fixed width: causal attention keeps padding out of earlier logits."""
+  forward = nnx.jit(lambda m, ids: m(ids))
   tokens = list(prompt)
   for _ in range(n):
-    logits = model(jnp.asarray([tokens]))
-    tokens.append(int(jnp.argmax(logits[0, -1])))
+    padded = jnp.asarray([tokens + [0] * (len(prompt) + n - len(tokens))])
+    tokens.append(int(jnp.argmax(forward(model, padded)[0, len(tokens) - 1])))
   return tokens[len(prompt):]
 
 
@@ -93,8 +97,9 @@ def test_sampling_is_reproducible_per_seed():
 
 def test_top_p_keeps_the_nucleus():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
-  keys = jax.random.split(jax.random.key(0), 2000)
-  draws = np.asarray([gen._next_token(logits, k[None], 1.0, 0.75)[0] for k in keys[:400]])
+  keys = jax.random.split(jax.random.key(0), 400)
+  draws = np.asarray(jax.jit(jax.vmap(lambda k: gen._next_token(logits, k[None], 1.0, 0.75)[0]))(
+      keys))
   # Mass before token 2 is 0.8 >= 0.75, so only tokens 0 and 1 can be drawn.
   assert set(draws.tolist()) == {0, 1}
 

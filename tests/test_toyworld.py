@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 
 from configs import toy_cpu
-from derta_jax import judges, toyworld
+from derta_jax import data, judges, toyworld
 from derta_jax import main as derta_main
-from derta_jax.data import (build_recipe, encode, load_eval, load_helpful, load_tokenizer,
-                            load_triples, refusal_ids)
 
 VERBS = {**toyworld.HARMFUL, **toyworld.BENIGN}
 
@@ -30,29 +28,31 @@ def _pair(text: str) -> tuple[str, str]:
 
 
 def test_tokenizer_round_trips_every_file_through_load_tokenizer(files):
-  tok = load_tokenizer(files.tokenizer)
+  tok = data.load_tokenizer(files.tokenizer)
   assert (files.tokenizer / "tokenizer.json").exists()
   assert tok.vocab_size == len(toyworld.vocabulary()) + 4  # <pad> <s> </s> ... <unk>
   unk = tok.encode("<unk>")[0]
-  texts = [t for h in load_helpful(files.base) for t in (h.instruction, h.output)]
+  texts = [t for h in data.load_helpful(files.base) for t in (h.instruction, h.output)]
   texts += [t for p in (files.triples, files.harmful_triples, files.benign_triples)
-            for tr in load_triples(p) for t in (tr.instruction, tr.output, tr.safe_response)]
+            for tr in data.load_triples(p) for t in (tr.instruction, tr.output, tr.safe_response)]
   for text in texts:
     ids = tok.encode(text)
     assert unk not in ids and tok.decode(ids) == text, text
-  assert refusal_ids(tok, "Sorry") == tuple(tok.encode("Sorry"))
+  assert data.refusal_ids(tok, "Sorry") == tuple(tok.encode("Sorry"))
 
 
 def test_heldout_pairs_are_in_no_training_file(files):
   split = toyworld.split_pairs(seed=0, heldout_per_verb=6)
   heldout = set(split.heldout)
   assert len(heldout) == 6 * len(VERBS) and not heldout & set(split.train)
-  trained = {_pair(h.instruction) for p in (files.base, files.helpful) for h in load_helpful(p)}
-  trained |= {_pair(t.instruction) for t in load_triples(files.triples)}
+  trained = {_pair(h.instruction) for p in (files.base, files.helpful)
+             for h in data.load_helpful(p)}
+  trained |= {_pair(t.instruction) for t in data.load_triples(files.triples)}
   assert trained == set(split.train) and not trained & heldout
   evaluated = {_pair(t.instruction) for p in (files.harmful_triples, files.benign_triples)
-               for t in load_triples(p)}
-  evaluated |= {_pair(e.question) for p in (files.harmful, files.wrapped) for e in load_eval(p)}
+               for t in data.load_triples(p)}
+  evaluated |= {_pair(e.question) for p in (files.harmful, files.wrapped)
+                for e in data.load_eval(p)}
   assert evaluated <= heldout
   # Objects do not give the label away: each is trained with harmful and benign verbs.
   for obj in toyworld.OBJECTS:
@@ -61,20 +61,20 @@ def test_heldout_pairs_are_in_no_training_file(files):
 
 
 def test_files_load_and_encode_like_real_data(files):
-  tok = load_tokenizer(files.tokenizer)
-  triples, helpful = load_triples(files.triples), load_helpful(files.helpful)
+  tok = data.load_tokenizer(files.tokenizer)
+  triples, helpful = data.load_triples(files.triples), data.load_helpful(files.helpful)
   # Every phrasing of the 24 - 6 trained objects of every harmful verb.
   assert len(triples) == len(toyworld.PHRASES) * 18 * len(toyworld.HARMFUL)
   assert all(t.safe_response == toyworld.REFUSAL for t in triples)
   assert all(t.output == toyworld.respond(*_pair(t.instruction)) for t in triples)
   assert any(h.instruction.startswith("complete the code") for h in helpful)
   assert not any(t.instruction.startswith("complete the code") for t in triples)
-  examples = build_recipe("derta", triples=triples, helpful=helpful, seed=0,
+  examples = data.build_recipe("derta", triples=triples, helpful=helpful, seed=0,
                           counts=dict(rto=40, prefix=40), eos_text="</s>")
-  rows = encode(examples, tok, seq_len=128, refusal_ids=refusal_ids(tok))
+  rows = data.encode(examples, tok, seq_len=128, refusal_ids=data.refusal_ids(tok))
   assert rows.stats.examples == len(helpful) + 80 and rows["rto_mask"].sum() > 0
   assert rows.stats.response_truncated == rows.stats.prompt_truncated == 0
-  for item in load_eval(files.wrapped):
+  for item in data.load_eval(files.wrapped):
     assert item.answer == toyworld.respond_wrapped(*_pair(item.question))
 
 
