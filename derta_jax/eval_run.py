@@ -17,7 +17,7 @@ import jax
 from etils import epath
 from flax import nnx
 
-from derta_jax import data, evaluate, train
+from derta_jax import data, evaluate, lora_train, train
 from derta_jax import main as derta_main
 from derta_jax.checkpoints import orbax
 from derta_jax.data import synthetic
@@ -92,7 +92,10 @@ def tokenizer_path(config, workdir: Path, kind: str) -> str:
 
 def load_orbax(config, path: str, mesh) -> llama.Llama:
   """The model of model.preset (or init.hf_path's architecture) with params from `path`,
-  cast to model.param_dtype and placed by the params' logical axes on the mesh."""
+  cast to model.param_dtype and placed by the params' logical axes on the mesh; for a LoRA
+  run (lora.rank > 0) the base the config names plus the adapters in `path`."""
+  if config.lora.rank > 0:
+    return lora_train.adapted_model(config, path, mesh)
   graphdef, params = nnx.split(llama.abstract_model(derta_main.resolved_model_config(config)),
                                nnx.Param)
   shardings = train.param_shardings(params, mesh)
