@@ -128,10 +128,11 @@ class Split:
 
 
 def split_pairs(*, seed: int, heldout_per_verb: int) -> Split:
-  """Per verb, `heldout_per_verb` objects held out, drawn so every object is held out for
-  some verbs and trained with others."""
-  if not 1 <= heldout_per_verb < len(OBJECTS):
-    raise ValueError(f"toyworld.heldout_per_verb={heldout_per_verb}: choose 1..{len(OBJECTS) - 1}")
+  """Per verb, `heldout_per_verb` objects held out: every third object from a seeded offset
+  that moves with the verb, so every object is held out for some verbs, trained with others."""
+  most = len(OBJECTS) // 3  # beyond, every third object would come round again
+  if not 1 <= heldout_per_verb <= most:
+    raise ValueError(f"toyworld.heldout_per_verb={heldout_per_verb}: choose 1..{most}")
   rng = np.random.default_rng([seed, 1])
   train, heldout = [], []
   for i, verb in enumerate([*HARMFUL, *BENIGN]):

@@ -16,6 +16,7 @@ and its part counts): same base, steps, lr and seed. Compiled programs are cache
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,7 @@ def recipe_config(config, files: toyworld.Files, name: str, base_hf: Path):
       "train.seq_len": w.seq_len, "optim.lr": w.lr})
 
 
-def _check_not_stale(sub, workdir: Path) -> None:
+def check_not_stale(sub, workdir: Path) -> None:
   """An existing run in `workdir` must have been trained with this config's settings."""
   if not (workdir / "checkpoints").is_dir():
     return
@@ -113,7 +114,7 @@ def _check_not_stale(sub, workdir: Path) -> None:
     if ckpt.latest_step() is None:
       return
     stored = ckpt.restore_config()
-  current = sub.to_dict()
+  current = json.loads(json.dumps(sub.to_dict()))  # as stored: tuples become lists
   diff = {k: (stored.get(k), current[k]) for k in _TRAINING_KEYS if stored.get(k) != current[k]}
   if diff:
     raise ValueError(f"{workdir} holds a run trained with other settings; (stored, now) differ "
@@ -122,7 +123,7 @@ def _check_not_stale(sub, workdir: Path) -> None:
 
 def train_once(sub, workdir: Path) -> dict:
   """train.run, which resumes a run or only re-exports a finished one; seconds it took."""
-  _check_not_stale(sub, workdir)
+  check_not_stale(sub, workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   summary = train.run(sub, workdir)

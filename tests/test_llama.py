@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from derta_jax import sharding
-from derta_jax.models import llama
+from derta_jax.models import hf_config, llama
 
 # Published parameter counts (Meta model cards / HF safetensors metadata).
 PUBLISHED_PARAMS = {
@@ -26,9 +26,9 @@ PUBLISHED_PARAMS = {
 @pytest.mark.parametrize("name", sorted(llama.PRESETS))
 def test_preset_matches_transformers_architecture(name):
   cfg = llama.PRESETS[name]
-  assert llama.from_hf_config(llama.to_hf_config(cfg)) == cfg
+  assert hf_config.from_hf_config(hf_config.to_hf_config(cfg)) == cfg
   with torch.device("meta"):
-    ref = LlamaForCausalLM(HFLlamaConfig(**llama.to_hf_config(cfg)))
+    ref = LlamaForCausalLM(HFLlamaConfig(**hf_config.to_hf_config(cfg)))
   assert cfg.num_params() == sum(p.numel() for p in ref.parameters())
   if name in PUBLISHED_PARAMS:
     assert cfg.num_params() == PUBLISHED_PARAMS[name]
@@ -37,7 +37,7 @@ def test_preset_matches_transformers_architecture(name):
 @pytest.mark.parametrize("name", ["llama3_8b", "llama3_1_8b", "llama3_2_1b"])
 def test_rope_frequencies_match_transformers(name):
   cfg = llama.PRESETS[name]
-  hf_cfg = HFLlamaConfig(**llama.to_hf_config(cfg))
+  hf_cfg = HFLlamaConfig(**hf_config.to_hf_config(cfg))
   rope_type = hf_cfg.rope_parameters["rope_type"]
   want, _ = ROPE_INIT_FUNCTIONS[rope_type](hf_cfg, "cpu") if rope_type != "default" else (
       1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)), 1)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from configs import toy_cpu
-from derta_jax import data, judges, toyworld
+from derta_jax import data, judges, toyworld, toyworld_run
 from derta_jax import main as derta_main
+from derta_jax.checkpoints import orbax
 
 VERBS = {**toyworld.HARMFUL, **toyworld.BENIGN}
 
@@ -130,3 +131,14 @@ def test_quick_run_separates_derta_from_vanilla(tmp_path, capsys):
   for name in ("report.md", "asr_prefilling.png", "refusal_position.png", "refusal_probe.png"):
     assert (tmp_path / name).stat().st_size > 0, name
   assert (tmp_path / "recipes" / "derta" / "hf" / "model.safetensors").exists()
+
+
+def test_a_run_trained_with_other_settings_is_not_reused(tmp_path, files):
+  config = toy_cpu.get_config("quick")
+  sub = toyworld_run.base_config(config, files)
+  with orbax.Checkpointer(tmp_path, every_steps=1) as ckpt:
+    ckpt.save(1, dict(step=np.int32(1)), config=sub.to_dict(), force=True)
+  toyworld_run.check_not_stale(sub, tmp_path)  # stored tuples come back as lists
+  config.toyworld.base_lr = 1e-3
+  with pytest.raises(ValueError, match=r"other settings; \(stored, now\) differ in \['optim'\]"):
+    toyworld_run.check_not_stale(toyworld_run.base_config(config, files), tmp_path)

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from derta_jax import sharding as sharding_lib
-from derta_jax.models import llama
+from derta_jax.models import hf_config, llama
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -192,8 +192,8 @@ def read_config(path: str | os.PathLike, **overrides) -> llama.LlamaConfig:
     raise FileNotFoundError(f"{config_path} not found: an HF checkpoint directory needs "
                             "config.json")
   try:
-    return llama.from_hf_config(_read_json(config_path), **overrides)
-  except llama.HFConfigError as e:
+    return hf_config.from_hf_config(_read_json(config_path), **overrides)
+  except hf_config.HFConfigError as e:
     raise CheckpointError(f"{config_path}: {e}") from None
 
 
@@ -372,7 +372,7 @@ def _finish(tmp: Path, directory: Path, config: llama.LlamaConfig, dtype_name: s
   if n > 1:
     _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total_bytes},
                                    "weight_map": weight_map})
-  _write_json(tmp / "config.json", llama.to_hf_config(config, dtype=dtype_name))
+  _write_json(tmp / "config.json", hf_config.to_hf_config(config, dtype=dtype_name))
   eos = list(config.eos_ids)
   _write_json(tmp / "generation_config.json", {
       "bos_token_id": config.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos or None,

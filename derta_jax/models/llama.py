@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from derta_jax.models import attention, fsdp
 from derta_jax.models import lora as lora_lib
 
 ATTENTION = ("xla", "splash", "splash_interpret")
@@ -160,91 +161,6 @@ def preset(name: str, **overrides: Any) -> LlamaConfig:
   return PRESETS[name].replace(**overrides)
 
 
-class HFConfigError(ValueError):
-  """A Hugging Face `config.json` this model cannot represent; names the key and value."""
-
-
-def _hf_rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
-  # transformers 5 writes `rope_parameters`; checkpoints saved by 4.x carry top-level
-  # `rope_theta` and `rope_scaling` (whose type key was once `type`).
-  params = dict(hf.get("rope_parameters") or {})
-  scaling = dict(hf.get("rope_scaling") or {})
-  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-  merged = {**scaling, **params}
-  rope_type = merged.get("rope_type", merged.get("type", "default"))
-  if rope_type == "default":
-    return float(theta), None
-  if rope_type != "llama3":
-    raise HFConfigError(f"unsupported rope_type {rope_type!r}; derta_jax supports 'default' "
-                        "and 'llama3'")
-  try:
-    return float(theta), RopeScaling(
-        factor=float(merged["factor"]), low_freq_factor=float(merged["low_freq_factor"]),
-        high_freq_factor=float(merged["high_freq_factor"]),
-        original_max_position_embeddings=int(merged["original_max_position_embeddings"]))
-  except KeyError as e:
-    raise HFConfigError(f"rope_type 'llama3' needs key {e.args[0]!r} in rope_scaling / "
-                        "rope_parameters") from None
-
-
-def from_hf_config(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
-  """LlamaConfig from a transformers `config.json` dict (4.x or 5.x dialect)."""
-  if hf.get("model_type", "llama") != "llama":
-    raise HFConfigError(f"unsupported model_type {hf.get('model_type')!r}; expected 'llama'")
-  archs = hf.get("architectures") or ["LlamaForCausalLM"]
-  if "LlamaForCausalLM" not in archs:
-    raise HFConfigError(f"unsupported architectures {archs}; expected 'LlamaForCausalLM'")
-  for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-    if hf.get(key, want) != want:
-      raise HFConfigError(f"unsupported {key}={hf[key]!r}; LLaMA uses {want!r}")
-  missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers",
-                         "num_attention_heads", "intermediate_size") if k not in hf]
-  if missing:
-    raise HFConfigError(f"missing key(s) {missing}")
-  theta, scaling = _hf_rope(hf)
-  eos = hf.get("eos_token_id")
-  fields = dict(
-      vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-      n_heads=hf["num_attention_heads"],
-      n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-      d_ff=hf["intermediate_size"], head_dim=hf.get("head_dim"),
-      rms_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
-      max_position_embeddings=hf.get("max_position_embeddings", 2048),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      bos_id=hf.get("bos_token_id"),
-      eos_ids=() if eos is None else tuple(eos) if isinstance(eos, list) else (eos,),
-      pad_id=hf.get("pad_token_id"), init_std=float(hf.get("initializer_range", 0.02)))
-  try:
-    return LlamaConfig(**{**fields, **overrides})
-  except (TypeError, ValueError) as e:
-    raise HFConfigError(str(e)) from None
-
-
-def to_hf_config(config: LlamaConfig, *, dtype: str | None = None) -> dict[str, Any]:
-  """A `config.json` dict that transformers 4.x, 5.x and vLLM all read the same way."""
-  rope = {"rope_type": "default", "rope_theta": config.rope_theta}
-  scaling = None
-  if config.rope_scaling is not None:
-    scaling = {"rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
-    rope = {**scaling, "rope_theta": config.rope_theta}
-  eos = list(config.eos_ids)
-  dtype = dtype or config.param_dtype
-  return {
-      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-      "vocab_size": config.vocab_size, "hidden_size": config.d_model,
-      "intermediate_size": config.d_ff, "num_hidden_layers": config.n_layers,
-      "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
-      "head_dim": config.head_dim, "hidden_act": "silu",
-      "max_position_embeddings": config.max_position_embeddings,
-      "rms_norm_eps": config.rms_eps, "initializer_range": config.init_std,
-      "rope_theta": config.rope_theta, "rope_scaling": scaling, "rope_parameters": rope,
-      "tie_word_embeddings": config.tie_embeddings, "attention_bias": False,
-      "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1, "use_cache": True,
-      "bos_token_id": config.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
-      "pad_token_id": config.pad_id, "dtype": dtype, "torch_dtype": dtype,
-  }
-
-
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
   """Inverse frequencies [H/2] in fp32, as transformers computes them (llama3 scaling incl.)."""
   h = config.head_dim
@@ -303,48 +219,6 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(x_BxTxD.dtype) * x32.astype(x_BxTxD.dtype)
 
 
-def _attend(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale):
-  scores_BxKxGxTxS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BxKxGxTxH, k_BxKxSxH,
-                                preferred_element_type=jnp.float32)
-  scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS * scale,
-                               jnp.finfo(jnp.float32).min)
-  # Softmax in fp32 (as transformers does); every row sees at least its own token.
-  exp_BxKxGxTxS = jnp.exp(scores_BxKxGxTxS - scores_BxKxGxTxS.max(-1, keepdims=True))
-  probs_BxKxGxTxS = exp_BxKxGxTxS / exp_BxKxGxTxS.sum(-1, keepdims=True)
-  return jnp.einsum("BKGTS,BKSH->BKGTH", probs_BxKxGxTxS.astype(v_BxKxSxH.dtype), v_BxKxSxH)
-
-
-def _splash(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, segment_ids_BxT, scale, *, interpret: bool):
-  """Causal, segment-masked attention with the Pallas splash kernel (one MQA kernel per
-  kv head and row). Under a mesh it runs per device: the kernel cannot be partitioned."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
-  _, _, g, t, _ = q_BxKxGxTxH.shape
-  block = min(512, t)
-  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                        block_q_dq=block, block_kv_dq=block)
-  kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([sm.CausalMask((t, t))] * g),
-                                            block_sizes=sizes, interpret=interpret)
-
-  def one(q_GxTxH, k_TxH, v_TxH, segment_ids_T):
-    return kernel(q_GxTxH, k_TxH, v_TxH,
-                  segment_ids=sk.SegmentIds(q=segment_ids_T, kv=segment_ids_T))
-
-  run = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and set(mesh.axis_names) - set(mesh.manual_axes):
-    P = jax.sharding.PartitionSpec
-    auto = set(mesh.axis_names) - set(mesh.manual_axes)
-    rows = tuple(a for a in BATCH_AXES if a in auto) or None
-    heads = P(rows, "tensor" if "tensor" in auto else None)
-    run = jax.shard_map(run, mesh=mesh, axis_names=auto, check_vma=False,
-                        in_specs=(heads, heads, heads, P(rows)), out_specs=heads)
-  q_BxKxGxTxH = (q_BxKxGxTxH * scale).astype(q_BxKxGxTxH.dtype)
-  return run(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, segment_ids_BxT)
-
-
 class Attention(nnx.Module):
   """Grouped-query attention; `mask_BxTxS` combines causality and segments."""
 
@@ -365,11 +239,11 @@ class Attention(nnx.Module):
     dt = cfg.compute_dtype
     b, t, _ = x_BxTxD.shape
     g = cfg.n_heads // cfg.n_kv_heads
-    q_BxTxNxH = _adapted(self, "q", jnp.einsum("BTD,DNH->BTNH", x_BxTxD, _gathered(self.q, dt)),
+    q_BxTxNxH = _adapted(self, "q", jnp.einsum("BTD,DNH->BTNH", x_BxTxD, fsdp.gathered(self.q, dt)),
                          x_BxTxD, lora_keys_B)
-    k_BxSxKxH = _adapted(self, "k", jnp.einsum("BSD,DKH->BSKH", x_BxTxD, _gathered(self.k, dt)),
+    k_BxSxKxH = _adapted(self, "k", jnp.einsum("BSD,DKH->BSKH", x_BxTxD, fsdp.gathered(self.k, dt)),
                          x_BxTxD, lora_keys_B)
-    v_BxSxKxH = _adapted(self, "v", jnp.einsum("BSD,DKH->BSKH", x_BxTxD, _gathered(self.v, dt)),
+    v_BxSxKxH = _adapted(self, "v", jnp.einsum("BSD,DKH->BSKH", x_BxTxD, fsdp.gathered(self.v, dt)),
                          x_BxTxD, lora_keys_B)
     q_BxTxNxH = _apply_rope(q_BxTxNxH, cos_BxTxH, sin_BxTxH)
     k_BxSxKxH = _apply_rope(k_BxSxKxH, cos_BxTxH, sin_BxTxH)
@@ -385,22 +259,22 @@ class Attention(nnx.Module):
                                                       index, axis=2)
       v_BxKxSxH = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxKxSxH.astype(v_cache.dtype),
                                                       index, axis=2)
-      out_BxKxGxTxH = _attend(q_BxKxGxTxH, k_BxKxSxH.astype(dt), v_BxKxSxH.astype(dt),
+      out_BxKxGxTxH = attention.attend(q_BxKxGxTxH, k_BxKxSxH.astype(dt), v_BxKxSxH.astype(dt),
                               mask_BxTxS, scale)
     elif cfg.attention != "xla":  # `mask_BxTxS` holds the segment ids [B, T] here
-      out_BxKxGxTxH = _splash(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale,
+      out_BxKxGxTxH = attention.splash(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale,
                               interpret=cfg.attention == "splash_interpret")
     else:
       # Causal: query block [i, j) needs keys [0, j) only, so blocks skip the upper triangle.
       block = cfg.attn_q_block or t
       out_BxKxGxTxH = jnp.concatenate([
-          _attend(q_BxKxGxTxH[:, :, :, i:i + block], k_BxKxSxH[:, :, :i + block],
+          attention.attend(q_BxKxGxTxH[:, :, :, i:i + block], k_BxKxSxH[:, :, :i + block],
                   v_BxKxSxH[:, :, :i + block], mask_BxTxS[:, i:i + block, :i + block], scale)
           for i in range(0, t, block)], axis=3)
     out_BxTxNxH = out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.n_heads,
                                                                  cfg.head_dim)
     out_BxTxD = _adapted(self, "o", jnp.einsum("BTNH,NHD->BTD", out_BxTxNxH,
-                                               _gathered(self.o, dt)), out_BxTxNxH, lora_keys_B)
+                                               fsdp.gathered(self.o, dt)), out_BxTxNxH, lora_keys_B)
     return out_BxTxD if cache is None else (out_BxTxD, (k_BxKxSxH, v_BxKxSxH))
 
 
@@ -418,12 +292,14 @@ class MLP(nnx.Module):
   def __call__(self, x_BxTxD, lora_keys_B=None):
     dt = self.dtype
     gate_BxTxF = _adapted(self, "gate", jnp.einsum("BTD,DF->BTF", x_BxTxD,
-                                                   _gathered(self.gate, dt)), x_BxTxD, lora_keys_B)
-    up_BxTxF = _adapted(self, "up", jnp.einsum("BTD,DF->BTF", x_BxTxD, _gathered(self.up, dt)),
+                                                   fsdp.gathered(self.gate, dt)),
+                          x_BxTxD, lora_keys_B)
+    up_BxTxF = _adapted(self, "up", jnp.einsum("BTD,DF->BTF", x_BxTxD, fsdp.gathered(self.up, dt)),
                         x_BxTxD, lora_keys_B)
     hidden_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
     return _adapted(self, "down", jnp.einsum("BTF,FD->BTD", hidden_BxTxF,
-                                             _gathered(self.down, dt)), hidden_BxTxF, lora_keys_B)
+                                             fsdp.gathered(self.down, dt)),
+                    hidden_BxTxF, lora_keys_B)
 
 
 def _add_adapters(module: nnx.Module, names, config: LlamaConfig, rngs: nnx.Rngs) -> None:
@@ -438,7 +314,7 @@ def _adapted(module: nnx.Module, name: str, y, x, lora_keys_B):
   adapter = getattr(module, f"{name}_lora", None)
   if adapter is None:
     return y
-  return y + adapter(x, lora_keys_B, lambda var: _gathered(var, y.dtype))
+  return y + adapter(x, lora_keys_B, lambda var: fsdp.gathered(var, y.dtype))
 
 
 class Block(nnx.Module):
@@ -456,61 +332,6 @@ class Block(nnx.Module):
     x_BxTxD = x_BxTxD + attn_BxTxD
     x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD), lora_keys_B)
     return x_BxTxD if cache is None else (x_BxTxD, kv)
-
-
-# Batch rows are split over both data-parallel mesh axes (as in derta_jax.sharding).
-BATCH_AXES = ("data", "fsdp")
-
-
-def _gathered(param: nnx.Param, dtype):
-  """A block weight in the compute dtype, all-gathered over "fsdp" inside `_fsdp_layers`.
-
-  Casting first halves the bytes moved; the transpose of all_gather is a reduce-scatter,
-  so each device receives only its shard of the weight gradient.
-  """
-  w = param[...].astype(dtype)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or "fsdp" not in mesh.manual_axes:
-    return w
-  dim = _fsdp_dim(param.get_metadata()["out_sharding"][-w.ndim:])
-  if dim is None:
-    return w
-  return jax.lax.all_gather(w, "fsdp", axis=dim, tiled=True)
-
-
-def _fsdp_dim(axes) -> int | None:
-  from derta_jax import sharding  # noqa: PLC0415 (sharding does not import the model)
-  spec = tuple(sharding.logical_to_spec(axes))
-  return spec.index("fsdp") if "fsdp" in spec else None
-
-
-def _fsdp_layers(block, layer_state, batch: int, extra_specs=(), check_vma: bool = True):
-  """`block` run per device with explicit FSDP collectives, or unchanged without a mesh.
-
-  Under a mesh (jax.set_mesh, as the train step runs) with fsdp > 1, each layer runs in a
-  shard_map that is manual over ("data", "fsdp"): activations stay split by batch rows,
-  and each weight is gathered on use (`_gathered`). Left to GSPMD, the gathers inside the
-  layer scan compiled on v5p to zero-filled full buffers plus 64-way all-reduces, forward
-  and backward, and activations could drift to the weights' sharding along D (274 GB of
-  temporaries per chip for LLaMA-3-8B). "tensor", when present, stays automatic.
-  `extra_specs`: the specs of arguments that follow the usual five.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if (mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or mesh.shape["fsdp"] == 1
-      or batch % (mesh.shape["data"] * mesh.shape["fsdp"])):
-    return block
-  P = jax.sharding.PartitionSpec
-
-  def spec(var):
-    dim = _fsdp_dim(var.get_metadata()["out_sharding"][1:])  # [0] is the "layers" axis
-    return var.replace(P(*["fsdp" if i == dim else None for i in range(var.ndim - 1)]))
-
-  state_specs = jax.tree.map(spec, layer_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  rows = P(BATCH_AXES)
-  # Pallas kernels carry no varying-axes types, so the splash path turns the check off.
-  return jax.shard_map(block, mesh=mesh, axis_names=set(BATCH_AXES), check_vma=check_vma,
-                       in_specs=(rows, state_specs, rows, rows, rows, *extra_specs),
-                       out_specs=rows)
 
 
 def _stacked_blocks(config: LlamaConfig, rngs: nnx.Rngs) -> Block:
@@ -570,7 +391,7 @@ class Llama(nnx.Module):
                                         lora_keys_B=keys_B)
 
     P = jax.sharding.PartitionSpec
-    layer = _fsdp_layers(layer, layer_state, b, (P(BATCH_AXES), P()) if dropout else (),
+    layer = fsdp.layers(layer, layer_state, b, (P(fsdp.BATCH_AXES), P()) if dropout else (),
                          check_vma=cfg.attention == "xla")
 
     def block(x_BxTxD, xs):
