@@ -47,6 +47,17 @@ def make_hf_model(seed: int = 0, **overrides):
   return model
 
 
+def set_config(config, **overrides):
+  """`config` with overrides whose nested keys are joined by "__" (train__num_steps=2)."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path):
   """Factory: save a random HF LLaMA to a fresh directory; returns (path, torch model)."""

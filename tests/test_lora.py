@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from conftest import set_config
 from flax import nnx
 
 from configs import toy_cpu
@@ -188,13 +189,7 @@ def _config(**overrides):
                 ckpt__every_steps=2, ckpt__max_to_keep=0, optim__schedule="constant",
                 optim__lr=1e-2, data__n_rto=16, data__n_prefix=16, data__synthetic_helpful=32,
                 data__synthetic_triples=32)
-  for key, value in {**values, **overrides}.items():
-    node = config
-    *parents, leaf = key.split("__")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return set_config(config, **{**values, **overrides})
 
 
 def _losses(workdir):

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from conftest import set_config
 
 from configs import toy_cpu
 from derta_jax import main
@@ -18,14 +19,7 @@ OVERRIDES = dict(mode="train", optim__schedule="constant", optim__lr=3e-3, train
 
 
 def _config(**overrides):
-  config = toy_cpu.get_config()
-  for key, value in {**OVERRIDES, **overrides}.items():
-    node = config
-    *parents, leaf = key.split("__")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return set_config(toy_cpu.get_config(), **{**OVERRIDES, **overrides})
 
 
 def _losses(workdir):
