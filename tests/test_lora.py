@@ -17,7 +17,7 @@ from conftest import set_config
 from flax import nnx
 
 from configs import toy_cpu
-from derta_jax import lora_train, main, sharding, train
+from derta_jax import eval_run, lora_train, main, sharding, train
 from derta_jax.checkpoints import hf, orbax, peft
 from derta_jax.models import llama, lora
 
@@ -218,6 +218,9 @@ def test_lora_run_trains_only_adapters_resumes_exactly_and_exports(hf_checkpoint
   ids = _tokens(adapted.config)
   np.testing.assert_allclose(_logits(hf.load_hf(full / "hf"), ids), _logits(adapted, ids),
                              atol=1e-5)
+  # run.py's eval mode loads a LoRA checkpoint the same way (adapters on the named base).
+  evaluated = eval_run.load_orbax(_config(**config), str(full / "checkpoints" / "4"), None)
+  np.testing.assert_array_equal(_logits(evaluated, ids), _logits(adapted, ids))
 
   # Resume from step 2 of a copy: steps 3 and 4 repeat exactly, dropout included.
   resumed = tmp_path / "resumed"
