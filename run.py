@@ -1,9 +1,15 @@
 """derta_jax entry point: `python run.py [--config=configs/<name>.py[:arg]] [--workdir=DIR]`."""
 
+import sys
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+# Config files import each other as `configs.<name>`; run.py's folder holds `configs/`,
+# also when run.py is started through runpy or from another directory.
+if str(Path(__file__).resolve().parent) not in sys.path:
+  sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).parent / "configs" / "toy_cpu.py"),

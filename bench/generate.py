@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from model_forward import median_seconds  # noqa: E402
 
 import derta_jax  # noqa: E402
-from derta_jax import generate as gen  # noqa: E402
+from derta_jax.models import generate as gen  # noqa: E402
 
 SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,

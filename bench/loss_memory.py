@@ -43,15 +43,15 @@ def _programs(chunk_size):
 def _abstract(b, t, d, v):
   tokens = jax.ShapeDtypeStruct((b, t), jnp.int32)
   return (jax.ShapeDtypeStruct((b, t, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
-          dict(targets_BxT=tokens, mle_mask_BxT=tokens, rto_mask_BxT=tokens))
+          dict(targets=tokens, mle_mask=tokens, rto_mask=tokens))
 
 
 def _concrete(b, t, d, v, seed=0):
   rng = np.random.default_rng(seed)
   kind_BxT = rng.integers(0, 3, (b, t))  # 0 prompt/padding, 1 MLE, 2 RTO
-  batch = dict(targets_BxT=jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32),
-               mle_mask_BxT=jnp.asarray(kind_BxT == 1, jnp.int32),
-               rto_mask_BxT=jnp.asarray(kind_BxT == 2, jnp.int32))
+  batch = dict(targets=jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32),
+               mle_mask=jnp.asarray(kind_BxT == 1, jnp.int32),
+               rto_mask=jnp.asarray(kind_BxT == 2, jnp.int32))
   return (jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32),
           jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), jnp.float32), batch)
 

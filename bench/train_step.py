@@ -21,7 +21,8 @@ from model_forward import median_seconds  # bench/ is on sys.path when run as a 
 from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
 import derta_jax
-from derta_jax import optim, train
+from derta_jax import losses, optim
+from derta_jax.training import step as train
 
 REFUSAL_ID = 7
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
@@ -96,7 +97,7 @@ def _ours(path, batch):
                                       warmup_ratio=WARMUP_RATIO, weight_decay=WEIGHT_DECAY,
                                       clip_norm=CLIP)
   graphdef, state, _ = train.init_state(derta_jax.load_hf(path), tx)
-  loss_config = train.LossConfig(refusal_ids=(REFUSAL_ID,), chunk_size=512)
+  loss_config = losses.LossConfig(refusal_ids=(REFUSAL_ID,), chunk_size=512)
   step = train.jit_train_step(train.make_train_step(graphdef, tx, schedule, loss_config),
                               None, None)
   holder = dict(state=state)

@@ -14,15 +14,15 @@ Check it compiles and fits first:  --config.mode=compile --config.compile.topolo
 
 import ml_collections
 
-from configs import toy_cpu
+from configs import base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in (None, "", "export"):
     raise ValueError(f"configs/llama3_tpu.py:{arg}: variants are '' and 'export'")
-  config = toy_cpu.get_config(arg)
-  # Train (the toy default's mode is its toy world); `:export` re-exports.
-  config.mode = "export" if arg == "export" else "train"
+  config = base.get_config()
+  if arg == "export":  # re-export the checkpoint in <workdir>/hf
+    config.mode = "export"
   # LLaMA-3-8B; use "llama3_1_8b" for LLaMA-3.1 (rope scaling, 128k context).
   config.model.preset = "llama3_8b"
   # bf16 matmuls on the MXU; parameters stay fp32 (master weights).
@@ -31,30 +31,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.remat = "dots_no_batch"
   # The Pallas splash-attention kernel: causal and packed-segment masks without [T, T] masks.
   config.model.attention = "splash"
-  # All chips on FSDP; tensor parallelism pays off only beyond ~256 chips for 8B.
-  config.mesh.fsdp = -1
+  # The paper's mix (helpful + 3,000 RTO + 3,000 harmful-prefix) from your files.
   config.data.source = "recipe"
-  config.data.recipe = "derta"
-  config.data.n_rto = -1
-  config.data.n_prefix = -1
   # The authors append this text to every response; LLaMA-3 reads it as EOS.
   config.data.eos_text = "<|end_of_text|>"
+  # The authors' 8B run trains 5% of the RTO targets of each example.
   config.loss.rto_keep_rate = 0.05
-  config.train.num_steps = 0
-  config.train.epochs = 2.0
   config.train.global_batch = 128
   config.train.seq_len = 1024
-  config.train.log_every = 10
-  config.optim.lr = 2e-5
-  config.optim.warmup_ratio = 0.03
   config.optim.weight_decay = 2e-5
-  config.ckpt.every_steps = 200
-  config.ckpt.max_to_keep = 3
   # Export in bf16, as Meta ships LLaMA-3.
   config.export.dtype = "bfloat16"
-  # Generation for --config.mode=eval: evaluate's defaults for full-length answers (the
-  # toy's responses are short).
-  config.eval.max_new_tokens = 256
-  config.eval.batch_size = 16
-  config.eval.prefill_ks = "0,3,5,10,20,40"
   return config

@@ -1,16 +1,16 @@
 """The DeRTa objective: MLE on responses plus Reinforced Transition Optimization (RTO).
 
-Batch contract (a mapping; other keys are ignored here):
-  targets_BxT   int   the logits at position t predict targets_BxT[:, t]
-  mle_mask_BxT  0/1   position t is an MLE target (helpful, safe or prefix-MLE response)
-  rto_mask_BxT  0/1   position t is an RTO position: the target is the refusal token(s),
-                      whatever targets_BxT holds there
+Batch contract (the [B, T] arrays of `derta_jax.data.tokenize.ARRAYS`; others are ignored):
+  targets   int   the logits at position t predict targets[:, t]
+  mle_mask  0/1   position t is an MLE target (helpful, safe or prefix-MLE response)
+  rto_mask  0/1   position t is an RTO position: the target is the refusal token(s),
+                  whatever targets holds there
 The masks never overlap; a position where both are 0 contributes nothing.
 
 In the authors' code an RTO row is a harmful response whose every label (EOS included) is
 replaced by the refusal id (LLaMA-3 19701 = "Sorry"), the labels are shifted by one, and one
 `CrossEntropyLoss()` mean is taken over every supervised token of the batch. Here that is
-`derta_loss(..., normalize="tokens", rto_weight=1.0)`, with rto_mask_BxT marking the
+`derta_loss(..., normalize="tokens", rto_weight=1.0)`, with rto_mask marking the
 positions whose shifted label is a response token of an RTO row.
 
 `derta_loss_from_hidden` computes the same loss in sequence chunks from the final hidden
@@ -21,6 +21,7 @@ Legend: B batch, T tokens, C chunk, D model width, V vocabulary, R refusal ids.
 
 from __future__ import annotations
 
+import dataclasses
 import fractions
 import functools
 from collections.abc import Iterable, Mapping
@@ -30,8 +31,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BATCH_KEYS = ("targets_BxT", "mle_mask_BxT", "rto_mask_BxT")
+BATCH_KEYS = ("targets", "mle_mask", "rto_mask")
 NORMALIZE = ("tokens", "terms")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """What `derta_loss_from_hidden` and the train step's RTO keep mask need besides arrays."""
+
+  refusal_ids: tuple[int, ...]
+  rto_weight: float = 1.0
+  normalize: str = "tokens"
+  z_loss: float = 0.0
+  chunk_size: int = 512
+  rto_keep_rate: float = 1.0
+  seed: int = 0
 
 
 def refusal_tuple(refusal_ids: int | Iterable[int], vocab_size: int | None = None):
@@ -94,27 +108,23 @@ def _is_concrete(x) -> bool:
 
 
 def check_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
-  """The batch's three loss arrays under their _BxT names, checked.
-
-  Each key may also be given without the suffix (`targets`, `mle_mask`, `rto_mask`, as
-  `derta_jax.data.encode` returns them). The overlap check runs when the masks are
-  concrete values.
-  """
-  missing = [k for k in BATCH_KEYS if k not in batch and k.removesuffix("_BxT") not in batch]
+  """The batch's three loss arrays (BATCH_KEYS), checked; the overlap check runs when the
+  masks are concrete values."""
+  missing = [k for k in BATCH_KEYS if k not in batch]
   if missing:
-    raise ValueError(f"batch lacks {missing}; it needs {list(BATCH_KEYS)} (or the same "
-                     f"names without _BxT); it has {sorted(batch)}")
-  out = {k: batch[k] if k in batch else batch[k.removesuffix("_BxT")] for k in BATCH_KEYS}
+    raise ValueError(f"batch lacks {missing}; it needs {list(BATCH_KEYS)}; it has "
+                     f"{sorted(batch)}")
+  out = {k: batch[k] for k in BATCH_KEYS}
   shapes = {k: tuple(jnp.shape(v)) for k, v in out.items()}
-  if len(set(shapes.values())) != 1 or len(shapes["targets_BxT"]) != 2:
+  if len(set(shapes.values())) != 1 or len(shapes["targets"]) != 2:
     raise ValueError(f"batch arrays must share one [B, T] shape, got {shapes}")
-  mle, rto = out["mle_mask_BxT"], out["rto_mask_BxT"]
+  mle, rto = out["mle_mask"], out["rto_mask"]
   if _is_concrete(mle) and _is_concrete(rto):
     both = np.logical_and(np.asarray(mle) != 0, np.asarray(rto) != 0)
     if both.any():
       rows, cols = np.nonzero(both)
       raise ValueError(
-          f"mle_mask_BxT and rto_mask_BxT overlap at {both.sum()} positions, first at "
+          f"mle_mask and rto_mask overlap at {both.sum()} positions, first at "
           f"row {rows[0]}, position {cols[0]}: a position is an MLE or an RTO target, not both")
   return {k: jnp.asarray(v) for k, v in out.items()}
 
@@ -128,8 +138,8 @@ def loss_weights(*, batch, rto_weight=1.0, normalize="tokens", z_loss=0.0, count
   if normalize not in NORMALIZE:
     raise ValueError(f"normalize={normalize!r}; choose one of {NORMALIZE}")
   batch = check_batch(batch)
-  mle_BxT = batch["mle_mask_BxT"].astype(jnp.float32)
-  rto_BxT = batch["rto_mask_BxT"].astype(jnp.float32)
+  mle_BxT = batch["mle_mask"].astype(jnp.float32)
+  rto_BxT = batch["rto_mask"].astype(jnp.float32)
   n_mle, n_rto = (jnp.sum(mle_BxT), jnp.sum(rto_BxT)) if counts is None else counts
   n_mle, n_rto = jnp.asarray(n_mle, jnp.float32), jnp.asarray(n_rto, jnp.float32)
   n_all = jnp.maximum(n_mle + n_rto, 1.0)
@@ -176,8 +186,8 @@ def _weighted_sums(stats, weights, mle_BxC, rto_BxC):
 
 
 def _metrics(loss, sums, batch):
-  n_mle = jnp.sum(batch["mle_mask_BxT"].astype(jnp.float32))
-  n_rto = jnp.sum(batch["rto_mask_BxT"].astype(jnp.float32))
+  n_mle = jnp.sum(batch["mle_mask"].astype(jnp.float32))
+  n_rto = jnp.sum(batch["rto_mask"].astype(jnp.float32))
   sums = jax.lax.stop_gradient(sums)
   return dict(
       loss=loss,
@@ -206,9 +216,9 @@ def derta_loss(*, logits_BxTxV, batch, refusal_ids, rto_weight=1.0, normalize="t
   ids = refusal_tuple(refusal_ids, logits_BxTxV.shape[-1])
   weights = loss_weights(batch=batch, rto_weight=rto_weight, normalize=normalize,
                          z_loss=z_loss, counts=counts)
-  stats = _position_stats(logits_BxTxV.astype(jnp.float32), batch["targets_BxT"], ids)
-  loss, sums = _weighted_sums(stats, weights, batch["mle_mask_BxT"].astype(jnp.float32),
-                              batch["rto_mask_BxT"].astype(jnp.float32))
+  stats = _position_stats(logits_BxTxV.astype(jnp.float32), batch["targets"], ids)
+  loss, sums = _weighted_sums(stats, weights, batch["mle_mask"].astype(jnp.float32),
+                              batch["rto_mask"].astype(jnp.float32))
   return loss, _metrics(loss, sums, batch)
 
 
@@ -331,9 +341,9 @@ def derta_loss_from_hidden(*, hidden_BxTxD, unembed_DxV, batch, refusal_ids, rto
   ids = refusal_tuple(refusal_ids, v)
   weights = loss_weights(batch=batch, rto_weight=rto_weight, normalize=normalize,
                          z_loss=z_loss, counts=counts)
-  masks = tuple(batch[k].astype(jnp.float32) for k in ("mle_mask_BxT", "rto_mask_BxT"))
+  masks = tuple(batch[k].astype(jnp.float32) for k in ("mle_mask", "rto_mask"))
   loss, sums = _chunked(ids, chunk, vocab_chunk, hidden_BxTxD, unembed_DxV,
-                        batch["targets_BxT"].astype(jnp.int32), weights, masks)
+                        batch["targets"].astype(jnp.int32), weights, masks)
   return loss, _metrics(loss, sums, batch)
 
 

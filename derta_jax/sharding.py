@@ -1,11 +1,13 @@
-"""Logical parameter axes -> device-mesh shardings."""
+"""Device meshes, logical parameter axes -> shardings, batch sharding, multi-host start."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -47,6 +49,17 @@ def param_sharding(name: str, shape: Sequence[int], axes: Sequence[str | None], 
                        f"does not divide over mesh axis {axis!r} of size {size}; change the "
                        "mesh or the sharding rules")
   return NamedSharding(mesh, spec)
+
+
+def param_shardings(params: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings of the params from their logical axes, in the params' tree structure."""
+  def one(path, var):
+    name = "/".join(str(getattr(p, "key", p)) for p in path)
+    return var.replace(param_sharding(name, var.shape, var.get_metadata()["out_sharding"],
+                                      mesh, rules))
+
+  return jax.tree_util.tree_map_with_path(one, params,
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
@@ -141,8 +154,6 @@ def initialize_distributed() -> bool:
   or a coordinator given by JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and
   JAX_PROCESS_ID; a no-op on one host or when already initialised. Returns whether
   distributed JAX is on."""
-  import os
-
   if jax.distributed.is_initialized():
     return True
   # libtpu leaves a warning sentence (with commas) here when it finds no metadata.

@@ -7,8 +7,9 @@ import jax
 import pytest
 
 from configs import toy_cpu
-from derta_jax import aot
 from derta_jax.models import llama
+from derta_jax.training import compile as aot
+from derta_jax.training import hlo_cost
 
 
 def _fusion(name, cycles, shape="f32[128,128]{1,0}"):
@@ -60,35 +61,35 @@ def _module(computations, entry_lines):
 
 
 def test_flat_computation_sums_estimates():
-  cost = aot.hlo_cost(_module([], [_fusion("a", 100), _fusion("b", 250)]))
+  cost = hlo_cost.hlo_cost(_module([], [_fusion("a", 100), _fusion("b", 250)]))
   assert cost.cycles == 350 and cost.unknown_loops == 0 and cost.untimed == 0
 
 
 @pytest.mark.parametrize("known", [True, False])
 def test_loop_body_counts_once_per_trip(known):
   comps, call = _loop("loop", [_fusion("f", 10)], trips=7, known=known)
-  cost = aot.hlo_cost(_module([comps], [call, _fusion("g", 5)]))
+  cost = hlo_cost.hlo_cost(_module([comps], [call, _fusion("g", 5)]))
   assert cost.cycles == 7 * 10 + 5 and cost.unknown_loops == 0
 
 
 def test_trip_count_from_the_condition():
   for init, compare, want in ((3, "LT", 7), (0, "LE", 8)):
     comps, call = _loop("loop", [], trips=7, known=False, init=init, compare=compare)
-    parsed, entry = aot.parse_hlo(_module([comps], [call]))
-    assert aot.trip_count(parsed, entry, parsed[entry].instructions["loop"]) == want
+    parsed, entry = hlo_cost.parse_hlo(_module([comps], [call]))
+    assert hlo_cost.trip_count(parsed, entry, parsed[entry].instructions["loop"]) == want
 
 
 def test_nested_loops_multiply():
   inner, inner_call = _loop("inner", [_fusion("f", 10)], trips=4)
   outer, outer_call = _loop("outer", [inner_call, _fusion("g", 1)], trips=3, known=False)
-  cost = aot.hlo_cost(_module([inner, outer], [outer_call]))
+  cost = hlo_cost.hlo_cost(_module([inner, outer], [outer_call]))
   assert cost.cycles == 3 * (4 * 10 + 1)
 
 
 def test_unknown_trip_count_counts_once_and_is_reported():
   comps, call = _loop("loop", [_fusion("f", 10)], trips=7, known=False)
   call = call.replace("constant(0)", "parameter(1)")  # the start is not a constant
-  cost = aot.hlo_cost(_module([comps], [call]))
+  cost = hlo_cost.hlo_cost(_module([comps], [call]))
   assert cost.cycles == 10 and cost.unknown_loops == 1
 
 
@@ -97,7 +98,7 @@ def test_custom_call_without_estimate_is_timed_by_its_flops():
             'backend_config={"custom_call_config": {"body": "", "cost_estimate": {"flops": '
             '918000000, "transcendentals": 0, "bytes_accessed": 0}}}')
   comps, call = _loop("loop", [kernel.replace("%k ", "%k2 ")], trips=2)
-  cost = aot.hlo_cost(_module([comps], [kernel, call, _fusion("f", 1_750_000)]))
+  cost = hlo_cost.hlo_cost(_module([comps], [kernel, call, _fusion("f", 1_750_000)]))
   assert cost.unestimated_flops == cost.flops == 3 * 918e6
   # 1.75M cycles at 1.75 GHz plus 2.754 GFLOP at 459 TFLOP/s.
   assert aot.step_seconds(cost, aot.CHIPS["v5p"]) == pytest.approx(1e-3 + 6e-6)
@@ -109,7 +110,7 @@ def test_custom_calls_without_flops():
   kernel = ('  %k = f32[128,128]{1,0} custom-call(%p), custom_call_target="tpu_custom_call", '
             'backend_config={"custom_call_config": {"body": ""}}')
   allocate = '  %a = f32[128,128]{1,0} custom-call(), custom_call_target="AllocateBuffer"'
-  cost = aot.hlo_cost(_module([], [kernel, allocate]))
+  cost = hlo_cost.hlo_cost(_module([], [kernel, allocate]))
   assert cost.untimed == 1 and cost.cycles == cost.flops == 0
 
 
@@ -126,7 +127,7 @@ def test_splash_kernels_counted_by_their_matmuls_and_multiline_attributes():
                  '{"body": ""}, "xprof_metadata":"{\\"block_q\\": 512,')
     lines.append('}}, metadata={op_name="jit(step)/splash"}')
   comps, call = _loop("loop", lines, trips=3)
-  cost = aot.hlo_cost(_module([comps], [call]))
+  cost = hlo_cost.hlo_cost(_module([comps], [call]))
   per_pair = 2.0 * 2 * 8 * 4 * 256 * 128 * 256
   assert cost.flops == cost.unestimated_flops == 3 * (2 + 3 + 4) * per_pair
   assert cost.unknown_loops == 0 and cost.untimed == 0
@@ -147,7 +148,7 @@ def test_matmul_flops_in_fusions_and_loops():
   line = ('  %{0} = bf16[8,16]{{1,0}} fusion(%x, %y), kind=kOutput, calls=%fused_{0}, '
           'backend_config={{"estimated_cycles":"3"}}')
   comps, call = _loop("loop", [line.format("dot"), line.format("conv")], trips=5)
-  cost = aot.hlo_cost(_module([dot, comps], [call]))
+  cost = hlo_cost.hlo_cost(_module([dot, comps], [call]))
   assert cost.flops == 5 * 2 * (2 * 8 * 16 * 32) and cost.cycles == 5 * 6
 
 
@@ -162,14 +163,14 @@ rhs_reversal=0x1}, dim_labels=0bf1_i1o0->0b1f
 """
   line = ('  %w = bf16[2,8,4,8]{3,2,1,0} fusion(%x, %y), kind=kOutput, calls=%fused_win, '
           'backend_config={"estimated_cycles":"1"}')
-  assert aot.hlo_cost(_module([conv], [line])).flops == 2 * (2 * 8) * 16 * (4 * 8)
+  assert hlo_cost.hlo_cost(_module([conv], [line])).flops == 2 * (2 * 8) * 16 * (4 * 8)
 
 
 def test_sentinel_estimate_and_collectives():
   lines = [_fusion("sparsecore", 2**63 - 1),
            "  %ag = bf16[64,1024]{1,0} all-gather(%p), dimensions={0}, replica_groups={{0,1}}",
            "  %ar = f32[128,128]{1,0} all-reduce(%p), replica_groups={{0,1}}, to_apply=%fused"]
-  cost = aot.hlo_cost(_module([], lines))
+  cost = hlo_cost.hlo_cost(_module([], lines))
   assert cost.cycles == 0 and cost.untimed == 1
   assert cost.collective_bytes == 64 * 1024 * 2 + 2 * 128 * 128 * 4
 
@@ -184,7 +185,7 @@ frontend_attributes={{chain_id="6"}}
 """
   call = '  %step{0} = bf16[64,1024]{{1,0}} fusion(%p), kind=kCustom, calls=%piece{0}'
   comps, loop = _loop("loop", [call.format(i) for i in range(3)], trips=4)
-  cost = aot.hlo_cost(_module([piece.format(i) for i in range(3)] + [comps], [loop]))
+  cost = hlo_cost.hlo_cost(_module([piece.format(i) for i in range(3)] + [comps], [loop]))
   assert cost.collective_bytes == 4 * 64 * 1024 * 2 and cost.untimed == 0
 
 
@@ -192,7 +193,7 @@ def test_summary_arithmetic():
   memory = types.SimpleNamespace(argument_size_in_bytes=60, output_size_in_bytes=50,
                                  temp_size_in_bytes=40, alias_size_in_bytes=50)
   chip = aot.Chip("TPU test", hbm_bytes=200, clock_hz=1e9, peak_flops=1e12, ici_bytes_per_s=1e9)
-  cost = aot.HloCost(cycles=2e9, flops=3e12, collective_bytes=5e8)
+  cost = hlo_cost.HloCost(cycles=2e9, flops=3e12, collective_bytes=5e8)
   report = aot.summarize(topology="test:2x2", chip=chip, devices=8, devices_per_chip=2,
                          global_batch=4, seq_len=1000, memory=memory, cost=cost,
                          xla_flops=1e12, model_flops=4e12, compile_seconds=1.23)
@@ -229,7 +230,7 @@ def test_cpu_compile_unrolls_the_layer_scan():
     assert memory.argument_size_in_bytes > 0 and memory.temp_size_in_bytes > 0
     text = compiled.as_text()
     assert (" while(" in text) == scan
-    costs[scan] = aot.hlo_cost(text)
+    costs[scan] = hlo_cost.hlo_cost(text)
   assert costs[True].unknown_loops == 0
   assert costs[True].flops == pytest.approx(costs[False].flops, rel=0.01)
 

@@ -1,12 +1,18 @@
-"""TFDS ArrayRecord build of the four JSONL formats: round trip, order, errors, no TensorFlow."""
+"""TFDS ArrayRecord build of the four JSONL formats: round trip, order, errors, no TensorFlow,
+and training from it (data.source="tfds")."""
 
 import importlib.util
 import json
 import sys
 
+import numpy as np
 import pytest
+from conftest import set_config
 
-from derta_jax.data import formats, tfds_derta
+from configs import base
+from derta_jax import config_build, main
+from derta_jax.data import formats, pipeline, synthetic
+from derta_jax.data import tfds as tfds_derta
 from derta_jax.data.records import DataError, EvalItem, Example
 
 # Two files per split (the order across files must be kept too), with non-ASCII text.
@@ -145,3 +151,43 @@ def test_errors(tmp_path):
   tfds_derta.prepare({"train": good}, fmt="helpful", data_dir=tmp_path)
   with pytest.raises(ValueError, match="'validation'"):
     tfds_derta.open_source(tmp_path, "helpful", "validation")
+
+
+def test_training_from_tfds_reads_the_jsonl_batches(tmp_path):
+  """data.source="tfds" gives the batches data.source="recipe" gives from the same files,
+  and a run trains from them."""
+  helpful, triples = synthetic.make_sources(seed=0, n_helpful=40, n_triples=40)
+  paths = {"helpful": tmp_path / "helpful.jsonl", "triples": tmp_path / "triples.jsonl"}
+  formats.write_helpful(helpful, paths["helpful"])
+  formats.write_triples(triples, paths["triples"])
+  for fmt, path in paths.items():
+    tfds_derta.prepare({"train": str(path)}, fmt=fmt, data_dir=tmp_path / "tfds")
+  common = dict(mode="train", data__recipe="derta", data__n_rto=10, data__n_prefix=10,
+                data__tokenizer_path=synthetic.write_tokenizer(tmp_path / "tokenizer"),
+                train__num_steps=2, train__log_every=1, mesh__num_devices=1)
+  from_jsonl = set_config(base.get_config(), data__source="recipe",
+                          data__helpful_path=str(paths["helpful"]),
+                          data__triples_path=str(paths["triples"]), **common)
+  from_tfds = set_config(base.get_config(), data__source="tfds",
+                         data__tfds_dir=str(tmp_path / "tfds"), **common)
+  pipes = []
+  for config in (from_jsonl, from_tfds):
+    tokenizer, recipe, refusal = config_build.training_data(config, tmp_path)
+    pipes.append(pipeline.Pipeline(recipe, tokenizer, seq_len=64, global_batch=8, seed=0,
+                                   refusal_ids=refusal))
+  assert pipes[0].steps_in_epoch(0) == pipes[1].steps_in_epoch(0) > 2
+  for step in range(pipes[0].steps_in_epoch(0) + 1):  # into the second epoch's re-cuts
+    want, got = pipes[0].batch(step), pipes[1].batch(step)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=f"step {step} {key}")
+  summary = main.run(from_tfds, tmp_path / "run")
+  assert summary["steps"] == 2 and np.isfinite(summary["loss"])
+
+
+def test_tfds_source_errors_name_the_keys(tmp_path):
+  config = set_config(base.get_config(), data__source="tfds")
+  with pytest.raises(ValueError, match="data.tfds_dir"):
+    config_build.training_data(config, tmp_path)
+  config = set_config(config, data__tfds_dir=str(tmp_path))
+  with pytest.raises(ValueError, match=r"data.tfds_dir=.*No prepared dataset"):
+    config_build.training_data(config, tmp_path)

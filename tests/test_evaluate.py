@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from derta_jax import eval_run, eval_text, evaluate, generate
+from derta_jax import config_build
 from derta_jax import main as derta_main
 from derta_jax.checkpoints import orbax
 from derta_jax.data import load_tokenizer, synthetic, templates
 from derta_jax.data.records import DataError
-from derta_jax.models import llama
+from derta_jax.evaluation import evaluate, settings
+from derta_jax.evaluation import text as eval_text
+from derta_jax.models import generate, llama
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -131,11 +133,11 @@ def test_attack_success_rate_is_the_share_not_refused():
 
 
 def test_parse_ks():
-  assert evaluate.parse_ks("0,3, 5,3") == (0, 3, 5)
-  assert evaluate.parse_ks((10, 0)) == (0, 10)
+  assert settings.parse_ks("0,3, 5,3") == (0, 3, 5)
+  assert settings.parse_ks((10, 0)) == (0, 10)
   for bad in ("", "1,x", "-1", (1.5,), (True,)):
     with pytest.raises(ValueError):
-      evaluate.parse_ks(bad)
+      settings.parse_ks(bad)
 
 
 def _spans(tokenizer, ids):
@@ -444,8 +446,8 @@ def test_bad_eval_config_fails_before_any_model_loads(toy_files, tmp_path, monke
   def no_model(*args, **kwargs):
     raise AssertionError("a model was loaded before the config was checked")
 
-  monkeypatch.setattr(derta_main, "build_model", no_model)
-  monkeypatch.setattr(eval_run, "load_orbax", no_model)
+  monkeypatch.setattr(config_build, "build_model", no_model)
+  monkeypatch.setattr(config_build, "checkpoint_model", no_model)
   config = _toy_config()
   config.mode = "eval"
   config.eval.over_refusal_path = str(toy_files.benign)

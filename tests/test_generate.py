@@ -9,8 +9,8 @@ from conftest import HF_CASES
 from flax import nnx
 
 import derta_jax
-from derta_jax import generate as gen
 from derta_jax import sharding
+from derta_jax.models import generate as gen
 
 PROMPT_LENGTHS = (9, 1, 23, 4, 16)
 

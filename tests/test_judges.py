@@ -11,9 +11,9 @@ import torch
 from conftest import make_hf_model
 from transformers import PreTrainedTokenizerFast
 
-from derta_jax import judges
 from derta_jax.data.synthetic import write_tokenizer
 from derta_jax.data.tokenize import load_tokenizer
+from derta_jax.evaluation import judges
 
 TEMPLATE = "[INST] {prompt} [INST] {response} ] , w0 ?"
 UNSAFE, SAFE = "first w7", "Sorry"  # 2 tokens vs 1, so verdict masks differ in length

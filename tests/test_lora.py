@@ -17,9 +17,10 @@ from conftest import set_config
 from flax import nnx
 
 from configs import toy_cpu
-from derta_jax import eval_run, lora_train, main, sharding, train
+from derta_jax import config_build, main, sharding
 from derta_jax.checkpoints import hf, orbax, peft
 from derta_jax.models import llama, lora
+from derta_jax.training import step as train_step
 
 LORA = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.25)
 
@@ -127,7 +128,7 @@ def test_kv_cache_decode_applies_the_adapters(adapted):
 
 
 def test_sharded_forward_and_grads_equal_one_device(adapted):
-  graphdef, adapters, frozen = train.split_model(adapted)
+  graphdef, adapters, frozen = train_step.split_model(adapted)
   ids = _tokens(adapted.config)
   keys = lora.row_keys(seed=1, step=0, rows=8)
 
@@ -139,8 +140,8 @@ def test_sharded_forward_and_grads_equal_one_device(adapted):
   mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
   with jax.set_mesh(mesh):
     step = jax.jit(jax.value_and_grad(loss))
-    args = (jax.device_put(adapters, train.param_shardings(adapters, mesh)),
-            jax.device_put(frozen, train.param_shardings(frozen, mesh)),
+    args = (jax.device_put(adapters, sharding.param_shardings(adapters, mesh)),
+            jax.device_put(frozen, sharding.param_shardings(frozen, mesh)),
             jax.device_put(ids, sharding.batch_sharding(mesh)))
     assert "all_gather" in step.lower(*args).as_text()  # the shard_map FSDP path
     got, grads = step(*args)
@@ -214,12 +215,13 @@ def test_lora_run_trains_only_adapters_resumes_exactly_and_exports(hf_checkpoint
   changed = {path[-1] for path, var in before if not np.array_equal(var[...], after[path][...])}
   assert changed == {"q", "v", "o", "down"}
   # The checkpoint's adapters on the rebuilt base give the merged export's logits.
-  adapted = lora_train.adapted_model(_config(**config), full / "checkpoints" / "4")
+  adapted = config_build.adapted_model(_config(**config), full / "checkpoints" / "4")
   ids = _tokens(adapted.config)
   np.testing.assert_allclose(_logits(hf.load_hf(full / "hf"), ids), _logits(adapted, ids),
                              atol=1e-5)
   # run.py's eval mode loads a LoRA checkpoint the same way (adapters on the named base).
-  evaluated = eval_run.load_orbax(_config(**config), str(full / "checkpoints" / "4"), None)
+  evaluated = config_build.checkpoint_model(_config(**config), str(full / "checkpoints" / "4"),
+                                            None)
   np.testing.assert_array_equal(_logits(evaluated, ids), _logits(adapted, ids))
 
   # Resume from step 2 of a copy: steps 3 and 4 repeat exactly, dropout included.
@@ -237,8 +239,8 @@ def test_lora_run_trains_only_adapters_resumes_exactly_and_exports(hf_checkpoint
   with orbax.Checkpointer(resumed, every_steps=2) as ckpt:
     stored = ckpt.restore_config()
   with pytest.raises(ValueError, match=r"another base.*'init.hf_path': \('/.*', ''\)"):
-    lora_train.check_same_base(stored, _config(), resumed)
-  lora_train.check_same_base(stored, _config(**config, seed=1), resumed)  # same HF base
+    config_build.check_same_base(stored, _config(), resumed)
+  config_build.check_same_base(stored, _config(**config, seed=1), resumed)  # same HF base
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -252,4 +254,4 @@ def test_lora_run_trains_only_adapters_resumes_exactly_and_exports(hf_checkpoint
 ])
 def test_bad_lora_config_names_key_and_value(overrides, message):
   with pytest.raises(ValueError, match=message):
-    train.check_config(_config(**overrides))
+    config_build.check_train_config(_config(**overrides))

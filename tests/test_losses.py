@@ -17,9 +17,9 @@ REFUSAL = 7
 
 
 def _batch(targets_BxT, mle_BxT, rto_BxT):
-  return dict(targets_BxT=jnp.asarray(targets_BxT, jnp.int32),
-              mle_mask_BxT=jnp.asarray(mle_BxT, jnp.int32),
-              rto_mask_BxT=jnp.asarray(rto_BxT, jnp.int32))
+  return dict(targets=jnp.asarray(targets_BxT, jnp.int32),
+              mle_mask=jnp.asarray(mle_BxT, jnp.int32),
+              rto_mask=jnp.asarray(rto_BxT, jnp.int32))
 
 
 def _random_case(b=3, t=37, d=16, v=V, seed=0):
@@ -43,18 +43,18 @@ def test_uniform_logits_give_log_vocab():
   np.testing.assert_allclose(float(metrics["rto_loss"]), math.log(V), rtol=1e-6)
   np.testing.assert_allclose(float(metrics["p_refusal"]), 1 / V, rtol=1e-5)
   # A refusal set of 5 ids holds 5/V of the probability.
-  set_loss = losses.rto_loss(logits_BxTxV=logits_BxTxV, rto_mask_BxT=batch["rto_mask_BxT"],
+  set_loss = losses.rto_loss(logits_BxTxV=logits_BxTxV, rto_mask_BxT=batch["rto_mask"],
                              refusal_ids=[3, 7, 11, 19, 40])
   np.testing.assert_allclose(float(set_loss), math.log(V / 5), rtol=1e-6)
-  logp_BxT = losses.token_logprobs(logits_BxTxV=logits_BxTxV, targets_BxT=batch["targets_BxT"])
+  logp_BxT = losses.token_logprobs(logits_BxTxV=logits_BxTxV, targets_BxT=batch["targets"])
   np.testing.assert_allclose(np.asarray(logp_BxT), -math.log(V), rtol=1e-6)
 
 
 def test_dominant_correct_column_gives_zero_mle_loss():
   _, _, batch = _random_case()
-  logits_BxTxV = 40.0 * jax.nn.one_hot(batch["targets_BxT"], V)
-  mle = losses.mle_loss(logits_BxTxV=logits_BxTxV, targets_BxT=batch["targets_BxT"],
-                        mle_mask_BxT=batch["mle_mask_BxT"])
+  logits_BxTxV = 40.0 * jax.nn.one_hot(batch["targets"], V)
+  mle = losses.mle_loss(logits_BxTxV=logits_BxTxV, targets_BxT=batch["targets"],
+                        mle_mask_BxT=batch["mle_mask"])
   assert 0 <= float(mle) < 1e-12
   _, metrics = losses.derta_loss(logits_BxTxV=logits_BxTxV, batch=batch, refusal_ids=REFUSAL)
   assert float(metrics["mle_accuracy"]) == 1.0
@@ -64,31 +64,31 @@ def test_dominant_correct_column_gives_zero_mle_loss():
 def test_dominant_refusal_column_gives_zero_rto_loss():
   _, _, batch = _random_case()
   logits_BxTxV = jnp.zeros((3, 37, V)).at[..., REFUSAL].set(40.0)
-  rto = losses.rto_loss(logits_BxTxV=logits_BxTxV, rto_mask_BxT=batch["rto_mask_BxT"],
+  rto = losses.rto_loss(logits_BxTxV=logits_BxTxV, rto_mask_BxT=batch["rto_mask"],
                         refusal_ids=REFUSAL)
   assert 0 <= float(rto) < 1e-12
   _, metrics = losses.derta_loss(logits_BxTxV=logits_BxTxV, batch=batch, refusal_ids=REFUSAL)
   np.testing.assert_allclose(float(metrics["p_refusal"]), 1.0, rtol=1e-6)
   # Mass split over a refusal set counts in full.
   split = jnp.zeros((3, 37, V)).at[..., 3].set(40.0).at[..., 9].set(40.0)
-  assert float(losses.rto_loss(logits_BxTxV=split, rto_mask_BxT=batch["rto_mask_BxT"],
+  assert float(losses.rto_loss(logits_BxTxV=split, rto_mask_BxT=batch["rto_mask"],
                                refusal_ids=(3, 9))) < 1e-12
   np.testing.assert_allclose(float(losses.rto_loss(
-      logits_BxTxV=split, rto_mask_BxT=batch["rto_mask_BxT"], refusal_ids=3)), math.log(2),
+      logits_BxTxV=split, rto_mask_BxT=batch["rto_mask"], refusal_ids=3)), math.log(2),
       atol=1e-5)  # fp32 logsumexp near 40 has a resolution of 4e-6
 
 
 def test_terms_normalisation_and_weights():
   hidden_BxTxD, unembed_DxV, batch = _random_case()
   logits_BxTxV = hidden_BxTxD @ unembed_DxV
-  mle = losses.mle_loss(logits_BxTxV=logits_BxTxV, targets_BxT=batch["targets_BxT"],
-                        mle_mask_BxT=batch["mle_mask_BxT"])
-  rto = losses.rto_loss(logits_BxTxV=logits_BxTxV, rto_mask_BxT=batch["rto_mask_BxT"],
+  mle = losses.mle_loss(logits_BxTxV=logits_BxTxV, targets_BxT=batch["targets"],
+                        mle_mask_BxT=batch["mle_mask"])
+  rto = losses.rto_loss(logits_BxTxV=logits_BxTxV, rto_mask_BxT=batch["rto_mask"],
                         refusal_ids=REFUSAL)
   terms, _ = losses.derta_loss(logits_BxTxV=logits_BxTxV, batch=batch, refusal_ids=REFUSAL,
                                normalize="terms", rto_weight=0.3)
   np.testing.assert_allclose(float(terms), float(mle + 0.3 * rto), rtol=1e-6)
-  n_mle, n_rto = (float(batch[k].sum()) for k in ("mle_mask_BxT", "rto_mask_BxT"))
+  n_mle, n_rto = (float(batch[k].sum()) for k in ("mle_mask", "rto_mask"))
   pooled, metrics = losses.derta_loss(logits_BxTxV=logits_BxTxV, batch=batch,
                                       refusal_ids=REFUSAL, rto_weight=2.0)
   expected = (n_mle * float(mle) + 2.0 * n_rto * float(rto)) / (n_mle + n_rto)
@@ -97,7 +97,7 @@ def test_terms_normalisation_and_weights():
   z, z_metrics = losses.derta_loss(logits_BxTxV=logits_BxTxV, batch=batch, refusal_ids=REFUSAL,
                                    z_loss=1e-3)
   lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-  sup_BxT = batch["mle_mask_BxT"] + batch["rto_mask_BxT"]
+  sup_BxT = batch["mle_mask"] + batch["rto_mask"]
   z_term = float(jnp.sum(sup_BxT * lse_BxT**2) / jnp.sum(sup_BxT))
   np.testing.assert_allclose(float(z_metrics["z_term"]), z_term, rtol=1e-6)
   base, _ = losses.derta_loss(logits_BxTxV=logits_BxTxV, batch=batch, refusal_ids=REFUSAL)
@@ -106,8 +106,8 @@ def test_terms_normalisation_and_weights():
 
 def test_empty_masks_give_zero_not_nan():
   _, _, batch = _random_case()
-  empty = dict(batch, mle_mask_BxT=jnp.zeros_like(batch["mle_mask_BxT"]),
-               rto_mask_BxT=jnp.zeros_like(batch["rto_mask_BxT"]))
+  empty = dict(batch, mle_mask=jnp.zeros_like(batch["mle_mask"]),
+               rto_mask=jnp.zeros_like(batch["rto_mask"]))
   loss, metrics = losses.derta_loss(logits_BxTxV=jnp.zeros((3, 37, V)), batch=empty,
                                     refusal_ids=REFUSAL, normalize="terms")
   assert float(loss) == 0.0
@@ -116,8 +116,8 @@ def test_empty_masks_give_zero_not_nan():
 
 def test_overlapping_masks_are_rejected():
   _, _, batch = _random_case()
-  bad = dict(batch, mle_mask_BxT=batch["mle_mask_BxT"].at[1, 4].set(1),
-             rto_mask_BxT=batch["rto_mask_BxT"].at[1, 4].set(1))
+  bad = dict(batch, mle_mask=batch["mle_mask"].at[1, 4].set(1),
+             rto_mask=batch["rto_mask"].at[1, 4].set(1))
   logits_BxTxV = jnp.zeros((3, 37, V))
   with pytest.raises(ValueError, match="overlap at 1 positions, first at row 1, position 4"):
     losses.derta_loss(logits_BxTxV=logits_BxTxV, batch=bad, refusal_ids=REFUSAL)
@@ -143,10 +143,10 @@ def test_bad_arguments_are_named(kwargs, match):
     losses.derta_loss(logits_BxTxV=jnp.zeros((3, 37, V)), batch=batch, **kwargs)
 
 
-def test_batch_keys_without_shape_suffix_are_accepted():
+def test_a_pipeline_batch_of_numpy_arrays_with_other_keys_is_accepted():
   hidden_BxTxD, unembed_DxV, batch = _random_case()
   logits_BxTxV = hidden_BxTxD @ unembed_DxV
-  plain = {k.removesuffix("_BxT"): np.asarray(v) for k, v in batch.items()}
+  plain = {k: np.asarray(v) for k, v in batch.items()}
   plain["input_ids"] = np.zeros((3, 37), np.int32)
   a, _ = losses.derta_loss(logits_BxTxV=logits_BxTxV, batch=batch, refusal_ids=REFUSAL)
   b, _ = losses.derta_loss(logits_BxTxV=logits_BxTxV, batch=plain, refusal_ids=REFUSAL)
@@ -158,10 +158,10 @@ def test_batch_keys_without_shape_suffix_are_accepted():
 
 def test_batch_shape_errors_name_the_keys():
   _, _, batch = _random_case()
-  with pytest.raises(ValueError, match="rto_mask_BxT"):
-    losses.check_batch({k: v for k, v in batch.items() if k != "rto_mask_BxT"})
+  with pytest.raises(ValueError, match="rto_mask"):
+    losses.check_batch({k: v for k, v in batch.items() if k != "rto_mask"})
   with pytest.raises(ValueError, match="share one"):
-    losses.check_batch(dict(batch, mle_mask_BxT=batch["mle_mask_BxT"][:, :5]))
+    losses.check_batch(dict(batch, mle_mask=batch["mle_mask"][:, :5]))
 
 
 # ------------------------------------------------------------------ authors' objective
@@ -210,7 +210,7 @@ def test_parity_with_the_authors_torch_objective():
   expected = float(torch.nn.CrossEntropyLoss()(shift_logits, shift_labels))
 
   batch = _contract_batch(ids_BxT, labels_BxT, safe_B)
-  assert float(batch["rto_mask_BxT"].sum()) > 0 and float(batch["mle_mask_BxT"].sum()) > 0
+  assert float(batch["rto_mask"].sum()) > 0 and float(batch["mle_mask"].sum()) > 0
   loss, _ = losses.derta_loss(logits_BxTxV=jnp.asarray(logits_BxTxV), batch=batch,
                               refusal_ids=REFUSAL)
   assert abs(float(loss) - expected) / expected <= 1e-6
@@ -231,7 +231,7 @@ def test_micro_batches_with_global_counts_sum_to_the_full_batch_loss():
   hidden_BxTxD, unembed_DxV, batch = _random_case(b=4)
   full, _ = losses.derta_loss_from_hidden(hidden_BxTxD=hidden_BxTxD, unembed_DxV=unembed_DxV,
                                           batch=batch, refusal_ids=REFUSAL, chunk_size=8)
-  counts = (jnp.sum(batch["mle_mask_BxT"]), jnp.sum(batch["rto_mask_BxT"]))
+  counts = (jnp.sum(batch["mle_mask"]), jnp.sum(batch["rto_mask"]))
   parts = [losses.derta_loss_from_hidden(
       hidden_BxTxD=hidden_BxTxD[i:i + 2], unembed_DxV=unembed_DxV,
       batch={k: v[i:i + 2] for k, v in batch.items()}, refusal_ids=REFUSAL, chunk_size=8,

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 
 from configs import toy_cpu
-from derta_jax import data, judges, toyworld, toyworld_run
+from derta_jax import data
 from derta_jax import main as derta_main
 from derta_jax.checkpoints import orbax
+from derta_jax.evaluation import judges
+from derta_jax.toyworld import run as toyworld_run
+from derta_jax.toyworld import world as toyworld
 
 VERBS = {**toyworld.HARMFUL, **toyworld.BENIGN}
 
@@ -93,7 +96,7 @@ def test_world_is_deterministic_and_refuses_other_settings(tmp_path, files):
   for name in ("base", "helpful", "triples", "harmful_triples", "harmful", "wrapped",
                "benign_triples"):
     assert getattr(again, name).read_bytes() == getattr(files, name).read_bytes(), name
-  with pytest.raises(ValueError, match=r"other settings .*'heldout_per_verb': \(6, 4\)"):
+  with pytest.raises(ValueError, match=r"other settings; .*'heldout_per_verb': \(6, 4\)"):
     toyworld.write_world(tmp_path / "again", seed=0, heldout_per_verb=4)
 
 

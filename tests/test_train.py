@@ -5,8 +5,9 @@ Learning, mesh parity and resume are tested through the loop in test_train_loop.
 import jax
 import numpy as np
 
-from derta_jax import optim, train
+from derta_jax import losses, optim
 from derta_jax.models import llama
+from derta_jax.training import step as train
 
 REFUSAL = 7
 
@@ -34,7 +35,7 @@ def _setup(mesh=None, micro_batches=1, seed=0):
   tx, schedule = optim.make_optimizer(lr=3e-3, num_steps=20, schedule="constant",
                                       weight_decay=0.01, clip_norm=1.0, eps=1e-3)
   graphdef, state, shardings = train.init_state(model, tx, mesh)
-  loss_config = train.LossConfig(refusal_ids=(REFUSAL,), chunk_size=16)
+  loss_config = losses.LossConfig(refusal_ids=(REFUSAL,), chunk_size=16)
   step = train.make_train_step(graphdef, tx, schedule, loss_config, micro_batches=micro_batches)
   return config, state, train.jit_train_step(step, shardings, mesh)
 

@@ -94,10 +94,3 @@ def build_recipe(name: str, *, triples: Sequence[Triple], helpful: Sequence[Help
       examples += [Example(prompt(t.instruction), separator + t.safe_response + eos_text, "mle",
                            harmful_prefix=cut) for t, cut in zip(chosen, cuts, strict=True)]
   return examples
-
-
-def recipe_sizes(name: str, *, n_helpful: int, n_triples: int,
-                 counts: dict[str, int] | None = None) -> dict[str, int]:
-  """How many examples of each part `build_recipe` gives."""
-  parts = dict(RECIPES[name], **(counts or {}))
-  return dict(helpful=n_helpful, **{p: min(c, n_triples) for p, c in parts.items()})

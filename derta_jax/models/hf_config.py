@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from derta_jax.models.llama import LlamaConfig, RopeScaling
+from derta_jax.models.llama_config import LlamaConfig, RopeScaling
 
 
 class HFConfigError(ValueError):

@@ -3,6 +3,9 @@
   ds_dir = prepare({"train": "triples.jsonl"}, fmt="triples", data_dir="gs://bucket/tfds")
   triples = open_records("gs://bucket/tfds", "triples", "train")  # Sequence[Triple]
 
+Training reads them with `data.source="tfds"` and `data.tfds_dir` (triples, and helpful
+pairs where prepared, as `data.source="recipe"` reads the JSONL files).
+
 Writes `{data_dir}/{name}/{fmt}/1.0.0/`. Neither building nor reading needs TensorFlow: with
 `file_format="array_record"`, TFDS serializes through its own protos and the `array_record`
 package, and reads with `tfds.data_source`-style numpy decoding. Records keep the order of
@@ -23,6 +26,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
+from derta_jax.data import formats
 from derta_jax.data.records import KINDS, DataError, EvalItem, Example, Helpful, Triple
 
 DEFAULT_NAME = "derta_data"
@@ -130,14 +134,11 @@ class DertaData(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # the sources are local or gs:// files, never downloaded
     if not self._sources:
       raise ValueError(f"Building {self.name}/{self.builder_config.name} needs sources= "
-                       "(split -> JSONL paths); see derta_jax.data.tfds_derta.prepare")
+                       "(split -> JSONL paths); see derta_jax.data.tfds.prepare")
     return {split: self._generate_examples(paths)
             for split, paths in _normalize_sources(self._sources).items()}
 
   def _generate_examples(self, paths: tuple[str, ...]):
-    # Imported here so that reading a prepared dataset does not need the readers.
-    from derta_jax.data import formats
-
     load = getattr(formats, FORMATS[self.builder_config.name].loader)
     index = 0
     for path in paths:
@@ -202,6 +203,12 @@ def _decoder(fmt: str) -> Callable[[Mapping[str, Any]], dict[str, str]]:
     return out
 
   return decode
+
+
+def is_prepared(data_dir: str | os.PathLike, fmt: str, *, name: str = DEFAULT_NAME) -> bool:
+  """Whether `prepare` has written format `fmt` under data_dir."""
+  _check_fmt(fmt)
+  return DertaData(name=name, config=fmt, data_dir=os.fspath(data_dir)).is_prepared()
 
 
 def _data_source(data_dir: str | os.PathLike, fmt: str, split: str, name: str):

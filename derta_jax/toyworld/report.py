@@ -28,8 +28,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from derta_jax import eval_report, eval_text, judges, toyworld
 from derta_jax.data import formats
+from derta_jax.evaluation import judges
+from derta_jax.evaluation import report as eval_report
+from derta_jax.evaluation import text as eval_text
+from derta_jax.toyworld import world
 
 
 def _rows(summary: Mapping, suite: str) -> list[dict]:
@@ -70,7 +73,7 @@ def recipe_metrics(tokenizer, files, *, harmful: Mapping, benign: Mapping,
       asr_direct=suites["harmful"]["asr"],
       asr_second_attack=second["suites"]["harmful"]["asr"],
       harmful_second_attack=float(np.mean([
-          not r["refused"] and toyworld.reveals_harm(r["question"], r["response"])
+          not r["refused"] and world.reveals_harm(r["question"], r["response"])
           for r in second_rows])),
       helpfulness=float(np.mean([_same(r, o) for r, o in zip(plain, outputs, strict=True)])),
       over_refusal=float(np.mean(prefilled)) if prefilled else None,

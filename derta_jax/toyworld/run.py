@@ -1,12 +1,12 @@
 """run.py's toyworld mode: the paper's central comparison, end to end, on the toy world.
 
-  <workdir>/world/          the world's files and tokenizer (toyworld.write_world)
+  <workdir>/world/          the world's files and tokenizer (world.write_world)
   <workdir>/base/           a "base" model pre-trained to comply with every request
   <workdir>/recipes/<name>/ each recipe fine-tuned from the base with the same budget, and
                             its evaluations: harmful/eval, benign/eval, second_attack/eval
-  <workdir>/report.{md,json} and plots (toyworld_report)
+  <workdir>/report.{md,json} and plots (report.write_report)
 
-Every training is `train.run` on a derived config (so checkpoints, resume and export are
+Every training is `training.loop.run` on a derived config (so checkpoints, resume and export are
 the normal ones: a finished run is reused, an interrupted one resumes); every evaluation is
 `evaluate.evaluate` on the held-out pairs. Recipes differ only in their data (data.recipe
 and its part counts): same base, steps, lr and seed. Compiled programs are cached in
@@ -16,7 +16,6 @@ and its part counts): same base, steps, lr and seed. Compiled programs are cache
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,9 +23,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from derta_jax import data, evaluate, toyworld, toyworld_report, train
-from derta_jax.checkpoints import hf, orbax
+from derta_jax import config_build, data
+from derta_jax.checkpoints import hf
 from derta_jax.data import recipes
+from derta_jax.evaluation import evaluate
+from derta_jax.evaluation import settings as eval_settings
+from derta_jax.toyworld import report, world
+from derta_jax.training import loop
 
 # Config sections whose change makes an existing run in the workdir another experiment.
 _TRAINING_KEYS = ("seed", "model", "init", "data", "loss", "train", "optim", "lora")
@@ -49,14 +52,11 @@ def check_config(config) -> list[str]:
       problems.append(f"toyworld.{key}={w[key]!r} must be > 0")
   if not 0.0 <= w.wrapped_helpful <= 1.0:
     problems.append(f"toyworld.wrapped_helpful={w.wrapped_helpful!r} must be in [0, 1]")
-  e = config.eval
-  values = {f.name: e.get(f.name, getattr(evaluate.Settings, f.name))
-            for f in dataclasses.fields(evaluate.Settings)}
   try:
-    settings = evaluate.check_settings(values, e.judge, prefix="eval.")
+    settings = eval_settings.from_config(config)
     if 0 not in settings.prefill_ks:
-      problems.append(f"eval.prefill_ks={e.prefill_ks!r} must include 0: helpfulness is "
-                      "the benign response with nothing prefilled")
+      problems.append(f"eval.prefill_ks={config.eval.prefill_ks!r} must include 0: "
+                      "helpfulness is the benign response with nothing prefilled")
   except ValueError as err:
     problems.append(str(err))
   if config.lora.rank:
@@ -80,7 +80,7 @@ def _derived(config, **values):
   return sub
 
 
-def base_config(config, files: toyworld.Files):
+def base_config(config, files: world.Files):
   """Pre-training on the base corpus alone: recipe vanilla with no safety examples."""
   w = config.toyworld
   return _derived(config, **{
@@ -91,7 +91,7 @@ def base_config(config, files: toyworld.Files):
       "train.seq_len": w.seq_len, "optim.lr": w.base_lr})
 
 
-def recipe_config(config, files: toyworld.Files, name: str, base_hf: Path):
+def recipe_config(config, files: world.Files, name: str, base_hf: Path):
   """Fine-tuning from the base: the helpful data plus toyworld.n_safety safety examples,
   split into the recipe's parts in the paper's proportions (of 6,000)."""
   w = config.toyworld
@@ -108,35 +108,26 @@ def recipe_config(config, files: toyworld.Files, name: str, base_hf: Path):
 
 def check_not_stale(sub, workdir: Path) -> None:
   """An existing run in `workdir` must have been trained with this config's settings."""
-  if not (workdir / "checkpoints").is_dir():
-    return
-  with orbax.Checkpointer(workdir, every_steps=1) as ckpt:
-    if ckpt.latest_step() is None:
-      return
-    stored = ckpt.restore_config()
-  current = json.loads(json.dumps(sub.to_dict()))  # as stored: tuples become lists
-  diff = {k: (stored.get(k), current[k]) for k in _TRAINING_KEYS if stored.get(k) != current[k]}
-  if diff:
-    raise ValueError(f"{workdir} holds a run trained with other settings; (stored, now) differ "
-                     f"in {sorted(diff)}: {diff}; use a fresh workdir")
+  stored = config_build.stored_config(workdir)
+  if stored is not None:
+    config_build.check_same_settings(stored, sub.to_dict(), _TRAINING_KEYS,
+                                     where=f"{workdir} holds a run trained with other settings")
 
 
 def train_once(sub, workdir: Path) -> dict:
-  """train.run, which resumes a run or only re-exports a finished one; seconds it took."""
+  """loop.run, which resumes a run or only re-exports a finished one; seconds it took."""
   check_not_stale(sub, workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
-  summary = train.run(sub, workdir)
+  summary = loop.run(sub, workdir)
   return dict(summary, seconds=round(time.perf_counter() - start, 1))
 
 
-def evaluate_recipe(model, tokenizer, files: toyworld.Files, config, workdir: Path,
+def evaluate_recipe(model, tokenizer, files: world.Files, config, workdir: Path,
                     refusal: tuple[int, ...]) -> dict:
   """The report's metrics of one model, from three evaluate calls on held-out pairs."""
-  e = config.eval
-  common = dict(template=e.template, judge=e.judge, max_new_tokens=e.max_new_tokens,
-                batch_size=e.batch_size, prefill_ks=e.prefill_ks, temperature=e.temperature,
-                top_p=e.top_p, seed=config.seed, refusal_ids=refusal)
+  settings = eval_settings.from_config(config, seed=config.seed)
+  common = dict(dataclasses.asdict(settings), judge=config.eval.judge, refusal_ids=refusal)
   start = time.perf_counter()
   harmful = evaluate.evaluate(model, tokenizer, workdir=workdir / "harmful", suites=dict(
       harmful=files.harmful, refusal_position=files.harmful, prefilling=files.harmful_triples,
@@ -145,14 +136,29 @@ def evaluate_recipe(model, tokenizer, files: toyworld.Files, config, workdir: Pa
                              suites=dict(prefilling=files.benign_triples), **common)
   second = evaluate.evaluate(model, tokenizer, workdir=workdir / "second_attack",
                              suites=dict(harmful=files.wrapped), **common)
-  metrics = toyworld_report.recipe_metrics(
+  metrics = report.recipe_metrics(
       tokenizer, files, harmful=harmful, benign=benign, second=second)
   metrics["eval_seconds"] = round(time.perf_counter() - start, 1)
   return metrics
 
 
+def trained_and_evaluated(config, sub, sub_dir: Path, tokenizer, files: world.Files,
+                          refusal: tuple[int, ...]) -> dict:
+  """Train (or reuse) one model of the comparison, then evaluate it."""
+  if jax.process_index() == 0:  # the progress bars do not say which model they train
+    print(f"toyworld: {sub_dir.name}: {sub.train.num_steps} training steps, then "
+          "evaluation", file=sys.stderr, flush=True)
+  trained = train_once(sub, sub_dir)
+  model = hf.load_hf(sub_dir / "hf", dtype=jnp.dtype(config.model.param_dtype),
+                     compute_dtype=jnp.dtype(config.model.dtype))
+  metrics = evaluate_recipe(model, tokenizer, files, config, sub_dir, refusal)
+  return dict(metrics, steps=trained["steps"], final_loss=trained.get("loss"),
+              train_seconds=trained["seconds"])
+
+
 def run(config, workdir: Path) -> dict:
-  """Base, recipes, evaluation, report; the report's table is printed, the summary returned."""
+  """Base, recipes, evaluation, report; prints the table, where the report is and one
+  summary line (the full figures are in report.json); returns the summary."""
   names = check_config(config)
   start = time.perf_counter()
   if not jax.config.jax_compilation_cache_dir:
@@ -160,31 +166,24 @@ def run(config, workdir: Path) -> dict:
     # every program is).
     jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
   w = config.toyworld
-  files = toyworld.write_world(workdir / "world", seed=config.seed,
-                               heldout_per_verb=w.heldout_per_verb,
-                               wrapped_helpful=w.wrapped_helpful, eval_benign=w.eval_benign)
+  files = world.write_world(workdir / "world", seed=config.seed,
+                            heldout_per_verb=w.heldout_per_verb,
+                            wrapped_helpful=w.wrapped_helpful, eval_benign=w.eval_benign)
   tokenizer = data.load_tokenizer(files.tokenizer)
-  refusal = data.refusal_ids(tokenizer, config.data.refusal_text,
-                             policy=config.data.refusal_policy)
-
-  def trained_and_evaluated(sub, sub_dir: Path) -> dict:
-    if jax.process_index() == 0:  # the progress bars do not say which model they train
-      print(f"toyworld: {sub_dir.name}: {sub.train.num_steps} training steps, then "
-            "evaluation", file=sys.stderr, flush=True)
-    trained = train_once(sub, sub_dir)
-    model = hf.load_hf(sub_dir / "hf", dtype=jnp.dtype(config.model.param_dtype),
-                       compute_dtype=jnp.dtype(config.model.dtype))
-    metrics = evaluate_recipe(model, tokenizer, files, config, sub_dir, refusal)
-    return dict(metrics, steps=trained["steps"], final_loss=trained.get("loss"),
-                train_seconds=trained["seconds"])
-
+  refusal = config_build.refusal_ids(config, tokenizer)
+  common = dict(tokenizer=tokenizer, files=files, refusal=refusal)
   base_dir = workdir / "base"
-  base = trained_and_evaluated(base_config(config, files), base_dir)
-  results = {name: trained_and_evaluated(recipe_config(config, files, name, base_dir / "hf"),
-                                         workdir / "recipes" / name) for name in names}
+  base = trained_and_evaluated(config, base_config(config, files), base_dir, **common)
+  results = {name: trained_and_evaluated(
+      config, recipe_config(config, files, name, base_dir / "hf"),
+      workdir / "recipes" / name, **common) for name in names}
   summary = dict(mode="toyworld", workdir=str(workdir), base=base, recipes=results,
                  seconds=round(time.perf_counter() - start, 1))
-  table = toyworld_report.write_report(workdir, summary, config)
+  table = report.write_report(workdir, summary, config)
   if jax.process_index() == 0:
     print(table)
+    print(f"\nReport: {workdir / 'report.md'} (figures: report.json; plots: "
+          f"{', '.join(report.PLOTS)}, all in {workdir})")
+    print(f"toyworld: base + {len(names)} recipes ({', '.join(names)}) trained and evaluated "
+          f"in {summary['seconds']:.0f} s")
   return summary

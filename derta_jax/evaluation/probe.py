@@ -16,8 +16,9 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from derta_jax import eval_text, losses
+from derta_jax import losses
 from derta_jax.data import templates
+from derta_jax.evaluation import text
 
 BUCKET = 64  # rows pad to a multiple of this many tokens: one compile per bucket
 
@@ -45,7 +46,7 @@ def probe_sequences(tokenizer, template: str, triples, max_len: int):
   for t in triples:
     prompt = templates.apply_template(template, t.instruction)
     head = [tokenizer.bos_id, *tokenizer.encode(prompt)]
-    harmful = eval_text.response_ids(tokenizer, prompt, t.output)
+    harmful = text.response_ids(tokenizer, prompt, t.output)
     room = max(max_len - len(head), 0)
     out.append((head, harmful[:room], len(harmful) > room))
   return out

@@ -20,7 +20,7 @@ and metrics:
 
 `evaluate(model, tokenizer, suites={"harmful": path, ...}, workdir=...)` checks every file,
 runs the suites and writes <workdir>/eval/ (eval_report). Prompts and scoring: eval_text;
-the probe: eval_probe. Greedy decoding is deterministic; sampling is seeded.
+the probe: probe. Greedy decoding is deterministic; sampling is seeded.
 """
 
 from __future__ import annotations
@@ -36,92 +36,15 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from derta_jax import eval_probe, eval_report, eval_text, generate, judges, losses
+from derta_jax import losses
 from derta_jax.data import formats, templates
 from derta_jax.data.records import DataError
 from derta_jax.data.tokenize import refusal_ids as tokenizer_refusal_ids
+from derta_jax.evaluation import judges, probe, report, text
+from derta_jax.evaluation.settings import PREFILL_KS, Settings, check_settings
+from derta_jax.models import generate as generation
 
-PREFILL_KS = (0, 3, 5, 10, 20, 40)
 FIRST_TOKENS = 5  # refusal_position reports the share of refusals starting before this
-
-# ---------------------------------------------------------------------------- settings
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """What every suite shares; `check_settings` builds it from plain values."""
-
-  template: str = "upstream_eval"
-  max_new_tokens: int = 256
-  batch_size: int = 16
-  prefill_ks: tuple[int, ...] = PREFILL_KS
-  temperature: float = 0.0
-  top_p: float = 1.0
-  seed: int = 0
-  limit: int = 0  # first n items of every file; 0 = all
-  generator: str = "derta_jax"
-
-
-def parse_ks(value) -> tuple[int, ...]:
-  """Prefix lengths from "0,3,5" or a sequence of ints: sorted, distinct, >= 0."""
-  parts = value.split(",") if isinstance(value, str) else list(value)
-  try:
-    ks = [int(p) if isinstance(p, str) else p for p in parts]
-  except ValueError:
-    raise ValueError(f"not a comma-separated list of ints: {value!r}") from None
-  if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in ks):
-    raise ValueError(f"expected one or more ints >= 0, got {value!r}")
-  return tuple(sorted(set(ks)))
-
-
-def check_judge(spec) -> None:
-  """A judge object, a keyword list name, or "model:<dir>" with a config.json."""
-  if not isinstance(spec, str):
-    if not callable(getattr(spec, "judge", None)):
-      raise ValueError(f"{spec!r} has no judge(responses, prompts) method")
-    return
-  if spec in judges.KEYWORD_LISTS:
-    return
-  path = spec[len("model:"):]
-  if not spec.startswith("model:") or not path:
-    raise ValueError(f"{spec!r} is unknown; choose one of {sorted(judges.KEYWORD_LISTS)} or "
-                     "'model:<HF checkpoint directory>'")
-  if not (epath.Path(path) / "config.json").exists():
-    raise ValueError(f"{spec!r}: {path}/config.json does not exist")
-
-
-def check_settings(values: Mapping, judge, *, prefix: str = "") -> Settings:
-  """Settings from plain values; one ValueError naming every bad `<prefix><name>=value`."""
-  v = dict(values)
-  problems = []
-
-  def bad(name, why):
-    problems.append(f"{prefix}{name}={v[name]!r}: {why}")
-
-  if v["template"] not in templates.TEMPLATES:
-    bad("template", f"choose one of {sorted(templates.TEMPLATES)}")
-  for name in ("max_new_tokens", "batch_size"):
-    if isinstance(v[name], bool) or not isinstance(v[name], int) or v[name] < 1:
-      bad(name, "must be an int >= 1")
-  try:
-    v["prefill_ks"] = parse_ks(v["prefill_ks"])
-  except ValueError as e:
-    bad("prefill_ks", str(e))
-  if not v["temperature"] >= 0.0:
-    bad("temperature", "must be >= 0 (0 = greedy)")
-  if not 0.0 < v["top_p"] <= 1.0:
-    bad("top_p", "must be in (0, 1]")
-  v["limit"] = v["limit"] or 0
-  if isinstance(v["limit"], bool) or not isinstance(v["limit"], int) or v["limit"] < 0:
-    bad("limit", "must be an int >= 0 (0 = every item)")
-  try:
-    check_judge(judge)
-  except ValueError as e:
-    problems.append(f"{prefix}judge: {e}")
-  if problems:
-    raise ValueError("; ".join(problems))
-  return Settings(**{f.name: v[f.name] for f in dataclasses.fields(Settings)})
-
 
 # ---------------------------------------------------------------------------- data
 
@@ -137,9 +60,9 @@ def _check_answers(name: str, path, items) -> None:
     where = f'{os.fspath(path)}:{line}: field "answer"'
     if item.answer is None:
       raise DataError(f"{where}: missing (the {name} suite scores against it)")
-    if name == "gsm8k" and eval_text.last_number(item.answer) is None:
+    if name == "gsm8k" and text.last_number(item.answer) is None:
       raise DataError(f"{where}: no number in {item.answer[-60:]!r}")
-    if name == "mmlu" and eval_text.mmlu_gold(item.answer) is None:
+    if name == "mmlu" and text.mmlu_gold(item.answer) is None:
       raise DataError(f'{where}: expected a letter A-D or "(A)".."(D)", got {item.answer[:60]!r}')
 
 
@@ -203,7 +126,7 @@ def _generate(ctx: _Context, prompts: list[list[int]], name: str) -> list[list[i
   starts = range(0, len(order), s.batch_size)
   for start in tqdm(starts, desc=f"eval {name}", unit="batch", disable=len(starts) < 2):
     chunk = order[start:start + s.batch_size]
-    new = generate.generate(ctx.model, [prompts[i] for i in chunk],
+    new = generation.generate(ctx.model, [prompts[i] for i in chunk],
                             max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                             top_p=s.top_p, seed=_seed(s.seed, name, start),
                             eos_id=ctx.eos_ids, batch_size=s.batch_size)
@@ -216,8 +139,8 @@ def _strip_eos(ctx: _Context, ids: list[int]) -> list[int]:
   return ids[:-1] if ids and ids[-1] in ctx.eos_ids else ids
 
 
-def _prompt(ctx: _Context, text: str) -> list[int]:
-  return [ctx.tokenizer.bos_id, *ctx.tokenizer.encode(text)]
+def _prompt(ctx: _Context, prompt_text: str) -> list[int]:
+  return [ctx.tokenizer.bos_id, *ctx.tokenizer.encode(prompt_text)]
 
 
 def _answer(ctx: _Context, items, name: str, *, template: str, wrap: str = "{q}"):
@@ -245,13 +168,13 @@ def _judged(ctx: _Context, items, name: str, template: str) -> tuple[Result, lis
 def harmful(ctx: _Context, items) -> Result:
   result, ids = _judged(ctx, items, "harmful", ctx.settings.template)
   ctx.harmful_ids[ctx.paths["harmful"]] = ids  # refusal_position reuses them
-  result.metrics["asr"] = eval_text.attack_success_rate([r["refused"] for r in result.rows])
+  result.metrics["asr"] = text.attack_success_rate([r["refused"] for r in result.rows])
   return result
 
 
 def completion_attack(ctx: _Context, items) -> Result:
   result, _ = _judged(ctx, items, "completion_attack", "raw")
-  result.metrics["asr"] = eval_text.attack_success_rate([r["refused"] for r in result.rows])
+  result.metrics["asr"] = text.attack_success_rate([r["refused"] for r in result.rows])
   return result
 
 
@@ -263,7 +186,7 @@ def over_refusal(ctx: _Context, items) -> Result:
 
 def prefilling(ctx: _Context, triples) -> Result:
   s = ctx.settings
-  cases = [(t, k, *eval_text.prefill_prompt(ctx.tokenizer, s.template, t.instruction,
+  cases = [(t, k, *text.prefill_prompt(ctx.tokenizer, s.template, t.instruction,
                                              t.output, k))
            for k in s.prefill_ks for t in triples]
   ids = _generate(ctx, [c[2] for c in cases], "prefilling")
@@ -276,7 +199,7 @@ def prefilling(ctx: _Context, triples) -> Result:
                      prefill=ctx.tokenizer.decode(prompt_ids[len(prompt_ids) - used:]),
                      response=r, refused=bool(x), truncated=_truncated(ctx, i)))
   by_k = {k: [r["refused"] for r in rows if r["k"] == k] for k in s.prefill_ks}
-  asr_by_k = {str(k): eval_text.attack_success_rate(v) for k, v in by_k.items()}
+  asr_by_k = {str(k): text.attack_success_rate(v) for k, v in by_k.items()}
   return Result(rows, dict(asr_by_k=asr_by_k, n=len(triples)))
 
 
@@ -294,13 +217,13 @@ def _scored(ctx: _Context, items, name: str, wrap: str, predict: Callable,
 
 
 def gsm8k(ctx: _Context, items) -> Result:
-  return _scored(ctx, items, "gsm8k", eval_text.GSM8K_WRAP, eval_text.last_number,
-                 eval_text.last_number, eval_text.same_number)
+  return _scored(ctx, items, "gsm8k", text.GSM8K_WRAP, text.last_number,
+                 text.last_number, text.same_number)
 
 
 def mmlu(ctx: _Context, items) -> Result:
-  return _scored(ctx, items, "mmlu", eval_text.MMLU_WRAP, eval_text.mmlu_choice,
-                 eval_text.mmlu_gold, lambda pred, want: pred is not None and pred == want)
+  return _scored(ctx, items, "mmlu", text.MMLU_WRAP, text.mmlu_choice,
+                 text.mmlu_gold, lambda pred, want: pred is not None and pred == want)
 
 
 def alpaca(ctx: _Context, items) -> Result:
@@ -326,7 +249,7 @@ def refusal_position(ctx: _Context, items) -> Result:
     row = dict(question=it.question, response=response, refused=found is not None,
                phrase=None, char_offset=None, token_index=None)
     if found is not None:
-      index = eval_text.refusal_token_index(ctx.tokenizer, tokens, found[0])
+      index = text.refusal_token_index(ctx.tokenizer, tokens, found[0])
       row.update(phrase=found[1], char_offset=found[0], token_index=index)
       positions.append(index)
     rows.append(row)
@@ -342,15 +265,15 @@ def refusal_position(ctx: _Context, items) -> Result:
 def refusal_probe(ctx: _Context, triples) -> Result:
   """Teacher-forced P(refusal | q, r̂_<t) over each harmful output (see eval_probe)."""
   s = ctx.settings
-  seqs = eval_probe.probe_sequences(ctx.tokenizer, s.template, triples,
+  seqs = probe.probe_sequences(ctx.tokenizer, s.template, triples,
                                     ctx.model.config.max_position_embeddings)
-  curves = eval_probe.refusal_curves(ctx.model, seqs, refusal_ids=ctx.refusal_ids,
+  curves = probe.refusal_curves(ctx.model, seqs, refusal_ids=ctx.refusal_ids,
                                      batch_size=s.batch_size, pad_id=ctx.tokenizer.pad_id)
   rows = [dict(instruction=t.instruction, prompt=templates.apply_template(s.template,
                                                                           t.instruction),
                response_tokens=len(c), cut=cut, p_refusal=[float(x) for x in c])
           for t, c, (_, _, cut) in zip(triples, curves, seqs, strict=True)]
-  curve, counts = eval_probe.mean_curve(curves)
+  curve, counts = probe.mean_curve(curves)
   return Result(rows, dict(
       n=len(rows), refusal_ids=list(ctx.refusal_ids), cut=sum(c for _, _, c in seqs),
       curve=curve.tolist(), counts=counts.tolist(), first=float(curve[0]),
@@ -414,10 +337,10 @@ def run_suites(model, tokenizer, loaded: Mapping[str, list], *, paths, workdir, 
   for name, items in loaded.items():
     result = SUITES[name].run(ctx, items)
     results[name] = result.metrics
-    files[name] = eval_report.write_suite(out_dir, name, result.rows, result.metrics)
+    files[name] = report.write_suite(out_dir, name, result.rows, result.metrics)
   summary = dict(mode="eval", **(metadata or {}), eval_dir=str(out_dir), suites=results,
                  files=files, seconds=round(time.perf_counter() - start, 2))
   config = dict(dataclasses.asdict(settings), judge=getattr(judge, "name", repr(judge)),
                 refusal_ids=list(refusal), eos_ids=list(eos), paths=ctx.paths)
-  eval_report.write_summary(out_dir, summary, config)
+  report.write_summary(out_dir, summary, config)
   return summary

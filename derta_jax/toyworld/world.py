@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from derta_jax import config_build
 from derta_jax.data import formats, synthetic
 from derta_jax.data.records import EvalItem, Helpful, Triple
 
@@ -189,11 +190,9 @@ def write_world(directory: str | os.PathLike, *, seed: int, heldout_per_verb: in
                     wrapped_helpful=wrapped_helpful, eval_benign=eval_benign)
   manifest = directory / "world.json"
   if manifest.exists():
-    old = json.loads(manifest.read_text())
-    if old != spec:
-      diff = {k: (old.get(k), spec[k]) for k in spec if old.get(k) != spec[k]}
-      raise ValueError(f"{directory} holds a world written with other settings (old, new): "
-                       f"{diff}; use a fresh workdir")
+    config_build.check_same_settings(json.loads(manifest.read_text()), spec, spec,
+                                     where=f"{directory} holds a world written with other "
+                                     "settings")
   directory.mkdir(parents=True, exist_ok=True)
   split = split_pairs(seed=seed, heldout_per_verb=heldout_per_verb)
   rng = np.random.default_rng([seed, 2])

@@ -1,0 +1,270 @@
+"""The whole config schema, a comment on every field; other configs change only what differs.
+
+  python run.py --config=configs/base.py     # trains the tiny preset on the built-in source
+
+Defaults: the paper's DeRTa recipe and evaluation settings on the tiny preset, fp32 on
+any backend, with a small batch (8 rows of 64 tokens) that a CPU trains in seconds. Every
+field can be overridden on the command line, `--config.<section>.<key>=<value>`; a
+misspelt key fails.
+"""
+
+import ml_collections
+
+
+def _model() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Architecture preset of derta_jax.models.llama.PRESETS; with init.hf_path set, the
+  # checkpoint must match it ("" = take the checkpoint's architecture).
+  c.preset = "tiny"
+  # Compute dtype of activations and matmuls (bf16 is slow on CPUs).
+  c.dtype = "float32"
+  # Storage dtype of parameters (master weights).
+  c.param_dtype = "float32"
+  # Scan over layers (compile time independent of depth) instead of unrolling.
+  c.scan_layers = True
+  # Rematerialisation policy per layer: none | full | dots | dots_no_batch.
+  c.remat = "none"
+  # Attention: "xla" (einsums, any backend) or "splash" (the Pallas TPU kernel; TPU only).
+  c.attention = "xla"
+  return c
+
+
+def _init() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # HF checkpoint directory to start from; "" = random init of model.preset.
+  c.hf_path = ""
+  # Orbax directory (a checkpoints/<step> dir or saved params) to take the params from.
+  c.orbax_path = ""
+  return c
+
+
+def _mesh() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Mesh axis sizes; -1 = all remaining devices. Batch rows split over data x fsdp.
+  c.data = 1
+  c.fsdp = -1
+  c.tensor = 1
+  # Devices to use, from the first; -1 = all (per process on multi-host runs: all).
+  c.num_devices = -1
+  return c
+
+
+def _data() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # "synthetic" (built in), "recipe" (triples + helpful files -> data.recipe), "tfds" (the
+  # same from the ArrayRecord files of derta_jax.data.tfds.prepare in tfds_dir) or
+  # "upstream" (the authors' {"prefix","text","safe"} files, comma-separated).
+  c.source = "synthetic"
+  # vanilla | recaug | derta | harmful_prefix | rto_only.
+  c.recipe = "derta"
+  # JSONL paths (local or gs://).
+  c.triples_path = ""
+  c.helpful_path = ""
+  c.upstream_path = ""
+  # data.source="tfds": the data_dir that prepare() wrote to (local or gs://), and the split.
+  c.tfds_dir = ""
+  c.tfds_split = "train"
+  # Tokenizer directory or tiktoken file; "" = init.hf_path (or the synthetic one).
+  c.tokenizer_path = ""
+  # Prompt template of derta_jax.data.templates.TEMPLATES.
+  c.template = "upstream"
+  # Text ending every response; "" = the tokenizer's EOS token.
+  c.eos_text = ""
+  # Harmful-prefix lengths: official_word | token; static_prefix keeps one cut for all epochs.
+  c.prefix_mode = "official_word"
+  c.static_prefix = False
+  # Pack several examples per row (segment ids) or one per row.
+  c.pack = True
+  # The refusal token(s) RTO trains towards, from this text (one token unless "first").
+  c.refusal_text = "Sorry"
+  c.refusal_policy = "single"
+  # Examples per recipe part; -1 = the paper's count (3,000 / 6,000).
+  c.n_rto = -1
+  c.n_prefix = -1
+  c.n_vanilla = -1
+  # Size of the synthetic source.
+  c.synthetic_helpful = 80
+  c.synthetic_triples = 80
+  return c
+
+
+def _loss() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Refusal token ids; () = from data.refusal_text.
+  c.refusal_ids = ()
+  # RTO weight; with normalize "tokens" and 1.0 this is the authors' pooled token mean.
+  c.rto_weight = 1.0
+  # "tokens" (one mean over all supervised tokens) or "terms" (mle + w * rto).
+  c.normalize = "tokens"
+  # z-loss coefficient on logsumexp^2.
+  c.z_loss = 0.0
+  # Sequence chunk of the chunked loss (positions of logits alive at a time).
+  c.chunk_size = 512
+  # Share of RTO positions trained per example (the authors' 8B run: 0.05).
+  c.rto_keep_rate = 1.0
+  return c
+
+
+def _train() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Optimizer steps; 0 = train.epochs epochs (epoch 0's step count times epochs).
+  c.num_steps = 0
+  c.epochs = 2.0
+  # Rows per step over all hosts, and tokens per row.
+  c.global_batch = 8
+  c.seq_len = 64
+  # Gradient accumulation: micro-batches per step (global_batch must divide by it).
+  c.micro_batches = 1
+  # Write metrics.jsonl / TensorBoard every this many steps.
+  c.log_every = 10
+  # XLA:TPU options of the jitted step (derta_jax.sharding.TPU_COMPILER_OPTIONS): "overlap"
+  # (asynchronous, overlapped FSDP collectives) or "default" (XLA's own); ignored off TPU.
+  c.tpu_compiler_options = "overlap"
+  return c
+
+
+def _optim() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # AdamW with a warmup + schedule equal to HF Trainer's: peak lr, "cosine" | "linear" |
+  # "constant", warmup as a share of all steps.
+  c.lr = 2e-5
+  c.schedule = "cosine"
+  c.warmup_ratio = 0.03
+  # Decoupled weight decay; gradient-norm clipping (0 = off).
+  c.weight_decay = 0.0
+  c.clip_norm = 1.0
+  # Adam moments' decay rates and epsilon.
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.eps = 1e-8
+  return c
+
+
+def _ckpt() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Orbax checkpoint interval (also on SIGTERM and at the end) and how many to keep.
+  c.every_steps = 200
+  c.max_to_keep = 3
+  return c
+
+
+def _export() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # dtype of the exported safetensors; "" = the parameter dtype.
+  c.dtype = ""
+  # Largest safetensors shard, in MiB.
+  c.max_shard_mb = 5120
+  return c
+
+
+def _lora() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # LoRA adapter rank; 0 = full fine-tune. With a rank, only the adapters train, checkpoints
+  # hold them alone, and the run ends by writing <workdir>/hf (merged) and <workdir>/peft.
+  c.rank = 0
+  # Update scale alpha / rank (PEFT's, not rsLoRA's alpha / sqrt(rank)).
+  c.alpha = 16.0
+  # Dropout on the adapters' input while training (PEFT's lora_dropout).
+  c.dropout = 0.0
+  # Projections with adapters, comma-separated, of q,k,v,o,gate,up,down.
+  c.targets = "q,k,v,o,gate,up,down"
+  # Storage dtype of the frozen base weights (adapters are fp32).
+  c.base_dtype = "float32"
+  # Init of A: "kaiming_uniform" (PEFT's default) or "gaussian" (std 1/rank); B starts at 0.
+  c.init_a = "kaiming_uniform"
+  return c
+
+
+def _toyworld() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Recipes fine-tuned from the base, in the report's order.
+  c.recipes = "vanilla,recaug,rto_only,derta"
+  # Objects held out per verb: those pairs are in no training file, only in evaluation.
+  c.heldout_per_verb = 6
+  # Share of benign train pairs also in the helpful data wrapped as code (never harmful ones).
+  c.wrapped_helpful = 0.25
+  # Held-out benign pairs evaluated (helpfulness, over-refusal).
+  c.eval_benign = 48
+  # Base pre-training (every train pair complied with, plain and wrapped): steps, peak lr.
+  c.base_steps = 500
+  c.base_lr = 3e-3
+  # Each recipe's fine-tuning from the base: steps, peak lr (schedule etc. from optim).
+  c.steps = 120
+  c.lr = 1e-3
+  # Safety examples per recipe, split into RTO / prefix-MLE / vanilla parts as the paper's
+  # 6,000 are (derta: half RTO, half prefix-MLE on the same questions).
+  c.n_safety = 288
+  # Rows per step and tokens per row, base and recipes alike.
+  c.global_batch = 16
+  c.seq_len = 128
+  return c
+
+
+def _compile() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # TPU topology for mode=compile, e.g. v5p:4x4x4 or v5e:16x16.
+  c.topology = "v5p:4x4x4"
+  return c
+
+
+def _eval() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Harmful questions, upstream eval JSONL {"question"}: template, generate, judge -> ASR.
+  c.harmful_path = ""
+  # Questions fed raw, without a template (the authors' completion attack) -> ASR.
+  c.completion_attack_path = ""
+  # Triples {"instruction","output","safe_response"}: first k tokens of the harmful output
+  # prefilled, the continuation judged -> ASR per k.
+  c.prefilling_path = ""
+  # Harmful questions: token index of the first refusal phrase (reuses harmful's
+  # generations when this is harmful_path).
+  c.refusal_position_path = ""
+  # Triples: teacher-forced P(refusal token) at every position of the harmful output.
+  c.refusal_probe_path = ""
+  # Benign questions -> share refused.
+  c.over_refusal_path = ""
+  # GSM8K {"question","answer"} (answer ends "#### 42") -> accuracy on the last number.
+  c.gsm8k_path = ""
+  # MMLU {"question","answer"} (options "(A)".."(D)" in the question; answer "C") -> accuracy.
+  c.mmlu_path = ""
+  # AlpacaEval questions -> generations in AlpacaEval's format (instruction, output, generator).
+  c.alpaca_path = ""
+  # Prompt template of derta_jax.data.templates.TEMPLATES (the authors' eval prompt).
+  c.template = "upstream_eval"
+  # Refusal judge: "strict", "gcg", "qi" (keyword lists) or "model:<HF checkpoint dir>".
+  c.judge = "strict"
+  # Longest generation, in tokens.
+  c.max_new_tokens = 256
+  # Prompts per generation batch (and rows per refusal-probe forward pass).
+  c.batch_size = 16
+  # Harmful-output tokens prefilled by the prefilling suite, comma-separated.
+  c.prefill_ks = "0,3,5,10,20,40"
+  # Sampling temperature (0 = greedy) and nucleus mass; samples are seeded with `seed`.
+  c.temperature = 0.0
+  c.top_p = 1.0
+  # Use only the first n items of every file; 0 = all.
+  c.limit = 0
+  # The "generator" name in the AlpacaEval file; "" = derta_jax:<workdir name>.
+  c.generator = ""
+  return c
+
+
+SECTIONS = {"model": _model, "init": _init, "mesh": _mesh, "data": _data, "loss": _loss,
+            "train": _train, "optim": _optim, "ckpt": _ckpt, "export": _export,
+            "lora": _lora, "toyworld": _toyworld, "compile": _compile, "eval": _eval}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg:
+    raise ValueError(f"configs/base.py:{arg}: this config has no variants")
+  config = ml_collections.ConfigDict()
+  # What run.py does (derta_jax/main.py): "train", "export" (write <workdir>/hf and check
+  # the reload), "compile" (ahead-of-time compile of the train step for compile.topology),
+  # "eval" (the suites of config.eval on the workdir's latest checkpoint) or "toyworld"
+  # (the toy world's base, recipes, evaluation and report).
+  config.mode = "train"
+  # Seed of parameter init, data order, prefix cuts, RTO keep masks and LoRA dropout.
+  config.seed = 0
+  for name, section in SECTIONS.items():
+    config[name] = section()
+  return config

@@ -1,0 +1,320 @@
+"""The one place a run's config becomes objects: model config, mesh, model, optimizer, loss
+config, tokenizer, data, refusal ids, LoRA base and adapters, and the "settings differ" check.
+
+Every mode (train, export, compile, eval, toyworld) builds through these functions, so a
+config key means the same thing everywhere. Checks raise ValueError naming key and value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from derta_jax import data, losses, optim, sharding
+from derta_jax.checkpoints import hf, orbax
+from derta_jax.data import synthetic
+from derta_jax.data import tfds as tfds_data
+from derta_jax.models import llama, lora
+
+_ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                "head_dim", "rope_theta", "rope_scaling", "tie_embeddings")
+# Config keys that decide a LoRA run's base weights (seed and preset: of a random base).
+_BASE_KEYS = ("init.hf_path", "init.orbax_path", "model.preset", "seed")
+SOURCES = ("synthetic", "recipe", "tfds", "upstream")
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def _get(tree: Mapping, key: str):
+  for part in key.split("."):
+    tree = tree.get(part) if isinstance(tree, Mapping) else None
+  return tree
+
+
+def check_same_settings(stored: Mapping, current: Mapping, keys: Iterable[str], *, where: str,
+                        hint: str = "use a fresh workdir") -> None:
+  """Raises unless `stored` and `current` agree on every (dotted) key; the message names
+  `where`, each differing key as (stored, now), and `hint`. Values are compared as JSON
+  stores them (tuples read back as lists)."""
+  stored, current = (json.loads(json.dumps(t)) for t in (stored, current))
+  diff = {k: (_get(stored, k), _get(current, k)) for k in keys
+          if _get(stored, k) != _get(current, k)}
+  if diff:
+    raise ValueError(f"{where}; (stored, now) differ in {sorted(diff)}: {diff}; {hint}")
+
+
+def stored_config(workdir: Path) -> dict | None:
+  """The config saved with the latest checkpoint in <workdir>/checkpoints, or None."""
+  if not (workdir / "checkpoints").is_dir():  # a Checkpointer would create the directory
+    return None
+  with orbax.Checkpointer(workdir, every_steps=1) as ckpt:
+    return None if ckpt.latest_step() is None else ckpt.restore_config()
+
+
+def latest_checkpoint(workdir: Path) -> Path | None:
+  """<workdir>/checkpoints/<latest step>, or None."""
+  if not (workdir / "checkpoints").is_dir():
+    return None
+  with orbax.Checkpointer(workdir, every_steps=1) as ckpt:
+    step = ckpt.latest_step()
+  return None if step is None else workdir / "checkpoints" / str(step)
+
+
+# ------------------------------------------------------------------------ model, mesh
+
+
+def model_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
+  """model.preset with the config's numerics."""
+  m = config.model
+  return llama.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype,
+                      scan_layers=m.scan_layers, remat=m.remat, attention=m.attention)
+
+
+def mesh(config: ml_collections.ConfigDict, devices=None):
+  """The mesh of config.mesh over `devices` (default: all, or the first mesh.num_devices)."""
+  m = config.mesh
+  if devices is None:
+    devices = jax.devices()
+    if m.get("num_devices", -1) != -1:
+      if not 1 <= m.num_devices <= len(devices) or jax.process_count() > 1:
+        raise ValueError(f"mesh.num_devices={m.num_devices}: choose -1 or 1..{len(devices)} "
+                         "(single-process runs only)")
+      devices = devices[:m.num_devices]
+  return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+
+
+def resolved_model_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
+  """The architecture that build_model will give: the checkpoint's when model.preset is ""."""
+  m = config.model
+  if config.init.hf_path and not m.preset:
+    return hf.read_config(config.init.hf_path, dtype=m.dtype, param_dtype=m.param_dtype,
+                          scan_layers=m.scan_layers, remat=m.remat)
+  return model_config(config)
+
+
+def build_model(config: ml_collections.ConfigDict, mesh=None) -> llama.Llama:
+  """From `init.hf_path` when set, else a random init of `model.preset` with `seed`.
+
+  With both set, the checkpoint's architecture must be the preset's ("" skips the check).
+  """
+  m = config.model
+  if config.init.hf_path:
+    if m.preset:
+      want, found = model_config(config), hf.read_config(config.init.hf_path)
+      diff = {k: (getattr(want, k), getattr(found, k)) for k in _ARCH_FIELDS
+              if getattr(want, k) != getattr(found, k)}
+      if diff:
+        raise ValueError(f"init.hf_path={config.init.hf_path!r} is not model.preset="
+                         f"{m.preset!r}; (preset, checkpoint) differ in {diff}; set "
+                         "--config.model.preset='' to take the checkpoint's architecture")
+    return hf.load_hf(config.init.hf_path, dtype=jnp.dtype(m.param_dtype), mesh=mesh,
+                      compute_dtype=jnp.dtype(m.dtype), scan_layers=m.scan_layers,
+                      remat=m.remat)
+  if not m.preset:
+    raise ValueError("model.preset is '' and init.hf_path is unset: nothing says which "
+                     f"model to build; choose a preset of {sorted(llama.PRESETS)}")
+  return llama.init_model(model_config(config), seed=config.seed)
+
+
+def _abstract_on(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
+
+
+def _placed(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      tree)
+
+
+def checkpoint_model(config, path: str, mesh) -> llama.Llama:
+  """The model of a train checkpoint `path` (<workdir>/checkpoints/<step>) or saved params:
+  model.preset's (or init.hf_path's) architecture, params placed by their logical axes on
+  the mesh; for a LoRA run the base the config names plus the adapters in `path`."""
+  if config.lora.rank > 0:
+    return adapted_model(config, path, mesh)
+  graphdef, params = nnx.split(llama.abstract_model(resolved_model_config(config)), nnx.Param)
+  abstract = _abstract_on(params, sharding.param_shardings(params, mesh))
+  return nnx.merge(graphdef, orbax.load_params(path, abstract))
+
+
+# ---------------------------------------------------------------------------------- LoRA
+
+
+def lora_problems(section) -> list[str]:
+  """What is wrong with a config's `lora` section, each naming its key and value."""
+  if not isinstance(section.rank, int) or section.rank < 0:
+    return [f"lora.rank={section.rank!r} must be an int >= 0 (0: LoRA off)"]
+  problems = []
+  try:
+    lora.from_config(section)
+  except ValueError as e:
+    problems.append(str(e))
+  if section.rank and section.base_dtype not in llama.DTYPES:
+    problems.append(f"lora.base_dtype={section.base_dtype!r}; choose one of "
+                    f"{sorted(llama.DTYPES)}")
+  return problems
+
+
+def frozen_base_model(config, mesh) -> llama.Llama:
+  """The base of a LoRA run: init.hf_path's model, or model.preset's random init with
+  `seed`, with init.orbax_path's params if set; weights in lora.base_dtype. It is never
+  checkpointed: each resume rebuilds it from the config."""
+  base_config = config.copy_and_resolve_references()
+  base_config.model.param_dtype = config.lora.base_dtype
+  model = build_model(base_config, mesh)
+  if config.init.orbax_path:
+    nnx.update(model, orbax.load_params(config.init.orbax_path,
+                                        _placed(nnx.state(model, nnx.Param))))
+  return model
+
+
+def check_same_base(stored: dict, config, directory) -> None:
+  """Raises unless a checkpoint's stored config names the base this config builds."""
+  keys = _BASE_KEYS if not config.init.hf_path else _BASE_KEYS[:2]
+  check_same_settings(stored, config.to_dict(), keys,
+                      where=f"{directory}: these adapters were trained on another base",
+                      hint="resume with the checkpoint's values or start in a fresh workdir")
+
+
+def adapted_model(config, path, mesh=None) -> llama.Llama:
+  """The LoRA model of a checkpoint (e.g. to evaluate it): the base the config names plus
+  the adapters saved in `path`, a `<workdir>/checkpoints/<step>` directory."""
+  model = lora.attach(frozen_base_model(config, mesh), lora.from_config(config.lora),
+                      seed=config.seed, mesh=mesh)
+  graphdef, adapters, base = nnx.split(model, lora.LoraParam, nnx.Param)
+  return nnx.merge(graphdef, orbax.load_params(path, _placed(adapters)), base)
+
+
+# ------------------------------------------------------------------- optimizer, loss
+
+
+def optimizer(config, num_steps: int):
+  """(tx, schedule) of config.optim for a run of `num_steps` steps."""
+  o = config.optim
+  return optim.make_optimizer(
+      lr=o.lr, num_steps=num_steps, schedule=o.schedule, warmup_ratio=o.warmup_ratio,
+      b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm)
+
+
+def loss_config(config, refusal_ids) -> losses.LossConfig:
+  lo = config.loss
+  return losses.LossConfig(refusal_ids=tuple(refusal_ids), rto_weight=lo.rto_weight,
+                           normalize=lo.normalize, z_loss=lo.z_loss, chunk_size=lo.chunk_size,
+                           rto_keep_rate=lo.rto_keep_rate, seed=config.seed)
+
+
+def check_train_config(config) -> None:
+  """Value checks of train/loss/lora keys that would otherwise fail mid-run or inside jit."""
+  t, lo = config.train, config.loss
+  problems = []
+  if lo.normalize not in losses.NORMALIZE:
+    problems.append(f"loss.normalize={lo.normalize!r}; choose one of {losses.NORMALIZE}")
+  if not 0.0 < lo.rto_keep_rate <= 1.0:
+    problems.append(f"loss.rto_keep_rate={lo.rto_keep_rate} must be in (0, 1]")
+  if lo.chunk_size < 1:
+    problems.append(f"loss.chunk_size={lo.chunk_size} must be >= 1")
+  if t.micro_batches < 1 or t.global_batch % t.micro_batches:
+    problems.append(f"train.micro_batches ({t.micro_batches}) must divide train.global_batch "
+                    f"({t.global_batch})")
+  if t.num_steps < 0 or (t.num_steps == 0 and t.epochs <= 0):
+    problems.append(f"train.num_steps={t.num_steps}, train.epochs={t.epochs}: set a positive "
+                    "num_steps, or num_steps=0 and epochs > 0")
+  if t.log_every < 1 or config.ckpt.every_steps < 1:
+    problems.append(f"train.log_every ({t.log_every}) and ckpt.every_steps "
+                    f"({config.ckpt.every_steps}) must be >= 1")
+  if t.tpu_compiler_options not in sharding.TPU_COMPILER_OPTIONS:
+    problems.append(f"train.tpu_compiler_options={t.tpu_compiler_options!r}; choose one of "
+                    f"{sorted(sharding.TPU_COMPILER_OPTIONS)}")
+  if config.model.attention == "splash" and jax.default_backend() != "tpu":
+    problems.append(f"model.attention='splash' runs on TPU only (this is {jax.default_backend()}"
+                    "); use 'xla' (mode=compile checks a TPU step from any machine)")
+  problems += lora_problems(config.lora)
+  if problems:
+    raise ValueError("; ".join(problems))
+
+
+# ------------------------------------------------------------------ tokenizer, data
+
+
+def tokenizer_path(config, workdir: Path, *, model_from_hf: bool = False) -> str:
+  """data.tokenizer_path; else the synthetic tokenizer (written to <workdir>/tokenizer) for
+  data.source "synthetic"; else init.hf_path's. `model_from_hf`: the model is read from
+  init.hf_path itself, which then brings its own tokenizer."""
+  d = config.data
+  if d.tokenizer_path:
+    return d.tokenizer_path
+  if d.source == "synthetic" and not model_from_hf:
+    return synthetic.write_tokenizer(workdir / "tokenizer")
+  if config.init.hf_path:
+    return config.init.hf_path
+  raise ValueError("data.tokenizer_path is unset and so is init.hf_path: no tokenizer")
+
+
+def refusal_ids(config, tokenizer) -> tuple[int, ...]:
+  """loss.refusal_ids, or the tokens of data.refusal_text under data.refusal_policy."""
+  if config.loss.refusal_ids:
+    return tuple(config.loss.refusal_ids)
+  return tuple(data.refusal_ids(tokenizer, config.data.refusal_text,
+                                policy=config.data.refusal_policy))
+
+
+def check_vocab(tokenizer, vocab_size: int, path) -> None:
+  if tokenizer.vocab_size > vocab_size:
+    raise ValueError(f"the tokenizer {path} has {tokenizer.vocab_size} tokens, more than the "
+                     f"model's vocab_size {vocab_size}")
+
+
+def tfds_sources(d) -> tuple[list, list]:
+  """(helpful, triples) from the ArrayRecord datasets `data.tfds.prepare` wrote under
+  data.tfds_dir: the triples, and the helpful pairs where they were prepared."""
+  if not d.tfds_dir:
+    raise ValueError("data.source='tfds' needs data.tfds_dir, the data_dir given to "
+                     "derta_jax.data.tfds.prepare")
+  try:
+    triples = list(tfds_data.open_records(d.tfds_dir, "triples", d.tfds_split))
+    helpful = (list(tfds_data.open_records(d.tfds_dir, "helpful", d.tfds_split))
+               if tfds_data.is_prepared(d.tfds_dir, "helpful") else [])
+  except (FileNotFoundError, ValueError) as e:
+    raise ValueError(f"data.tfds_dir={d.tfds_dir!r}, data.tfds_split={d.tfds_split!r}: "
+                     f"{e}") from None
+  return helpful, triples
+
+
+def training_data(config, workdir: Path):
+  """(tokenizer, recipe(epoch) -> examples, refusal ids) from config.data and config.loss."""
+  d = config.data
+  if d.source not in SOURCES:
+    raise ValueError(f"data.source={d.source!r}; choose one of {SOURCES}")
+  if d.source == "synthetic":
+    helpful, triples = synthetic.make_sources(seed=config.seed, n_helpful=d.synthetic_helpful,
+                                              n_triples=d.synthetic_triples)
+  elif d.source == "recipe":
+    helpful = data.load_helpful(d.helpful_path) if d.helpful_path else []
+    triples = data.load_triples(d.triples_path)
+  elif d.source == "tfds":
+    helpful, triples = tfds_sources(d)
+  else:
+    examples = [ex for path in d.upstream_path.split(",") for ex in data.load_upstream(path)]
+  tokenizer = data.load_tokenizer(tokenizer_path(config, workdir))
+  ids = refusal_ids(config, tokenizer)
+  if d.source == "upstream":
+    return tokenizer, (lambda epoch: examples), ids
+  counts = {k: v for k, v in (("rto", d.n_rto), ("prefix", d.n_prefix),
+                              ("vanilla", d.n_vanilla)) if v >= 0 and k in
+            dict(data.RECIPES.get(d.recipe, ()))}
+  eos_text = d.eos_text or tokenizer.decode([tokenizer.eos_id])
+
+  def recipe(epoch):
+    return data.build_recipe(d.recipe, triples=triples, helpful=helpful, seed=config.seed,
+                             epoch=epoch, counts=counts, template=d.template,
+                             eos_text=eos_text, prefix_mode=d.prefix_mode,
+                             static=d.static_prefix)
+
+  return tokenizer, recipe, ids

@@ -1,0 +1,76 @@
+"""run.py's eval mode: the model and tokenizer a config names, then `evaluate.run_suites`.
+
+Model, the first that exists: the latest Orbax checkpoint in <workdir>/checkpoints,
+init.orbax_path, init.hf_path, and for the toy (data.source "synthetic") a random init of
+model.preset. Tokenizer: the one training used (`config_build.tokenizer_path`), except
+that a model read from init.hf_path itself comes with that directory's tokenizer unless
+data.tokenizer_path is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from etils import epath
+
+from derta_jax import config_build, data
+from derta_jax.evaluation import evaluate, settings
+
+
+def check_config(config, workdir: Path) -> tuple[settings.Settings, dict[str, str]]:
+  """(settings, {suite: file}) from config.eval; ValueError names every bad eval.<key>."""
+  problems = []
+  try:
+    checked = settings.from_config(config)
+  except ValueError as err:
+    if config.get("eval") is None:
+      raise
+    problems.append(str(err))
+  e = config.eval
+  paths = {name: e.get(f"{name}_path", "") for name in evaluate.SUITES}
+  paths = {name: p for name, p in paths.items() if p}
+  if not paths:
+    problems.append("no eval file is set: give one or more of " + ", ".join(
+        f"eval.{name}_path" for name in evaluate.SUITES))
+  problems += [f"eval.{name}_path={p!r}: no such file" for name, p in paths.items()
+               if not epath.Path(p).is_file()]
+  if problems:
+    raise ValueError("; ".join(problems))
+  if not checked.generator:
+    checked = dataclasses.replace(checked, generator=f"derta_jax:{workdir.name}")
+  return checked, paths
+
+
+def model_source(config, workdir: Path) -> tuple[str, str]:
+  """(kind, path) of the model to evaluate: kind is orbax, hf or random."""
+  latest = config_build.latest_checkpoint(workdir)
+  if latest is not None:
+    return "orbax", str(latest)
+  if config.init.orbax_path:
+    return "orbax", config.init.orbax_path
+  if config.init.hf_path:
+    return "hf", config.init.hf_path
+  if config.data.source == "synthetic":
+    return "random", f"preset {config.model.preset!r}, seed {config.seed}"
+  raise ValueError(f"nothing to evaluate: no checkpoint in {workdir / 'checkpoints'}, and "
+                   "init.orbax_path and init.hf_path are unset (a random init is evaluated "
+                   "only for the toy, data.source='synthetic')")
+
+
+def run(config, workdir: Path) -> dict:
+  """Evaluate per config.eval; outputs in <workdir>/eval/."""
+  checked, paths = check_config(config, workdir)
+  loaded = evaluate.load_suites(paths, limit=checked.limit)
+  kind, path = model_source(config, workdir)
+  tok_path = config_build.tokenizer_path(config, workdir, model_from_hf=kind == "hf")
+  tokenizer = data.load_tokenizer(tok_path)
+  config_build.check_vocab(tokenizer, config_build.resolved_model_config(config).vocab_size,
+                           tok_path)
+  refusal = config_build.refusal_ids(config, tokenizer)
+  mesh = config_build.mesh(config)
+  model = (config_build.checkpoint_model(config, path, mesh) if kind == "orbax"
+           else config_build.build_model(config, mesh))
+  return evaluate.run_suites(model, tokenizer, loaded, paths=paths, workdir=workdir,
+                             settings=checked, judge=config.eval.judge, refusal_ids=refusal,
+                             metadata=dict(model=f"{kind}: {path}", tokenizer=str(tok_path)))

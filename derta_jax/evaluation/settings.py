@@ -1,0 +1,104 @@
+"""What every evaluation suite shares (`Settings`), built and checked from plain values or
+from a config's `eval` section before anything loads or runs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from etils import epath
+
+from derta_jax.data import templates
+from derta_jax.evaluation import judges
+
+PREFILL_KS = (0, 3, 5, 10, 20, 40)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What every suite shares; `check_settings` builds it from plain values."""
+
+  template: str = "upstream_eval"
+  max_new_tokens: int = 256
+  batch_size: int = 16
+  prefill_ks: tuple[int, ...] = PREFILL_KS
+  temperature: float = 0.0
+  top_p: float = 1.0
+  seed: int = 0
+  limit: int = 0  # first n items of every file; 0 = all
+  generator: str = "derta_jax"
+
+
+def parse_ks(value) -> tuple[int, ...]:
+  """Prefix lengths from "0,3,5" or a sequence of ints: sorted, distinct, >= 0."""
+  parts = value.split(",") if isinstance(value, str) else list(value)
+  try:
+    ks = [int(p) if isinstance(p, str) else p for p in parts]
+  except ValueError:
+    raise ValueError(f"not a comma-separated list of ints: {value!r}") from None
+  if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in ks):
+    raise ValueError(f"expected one or more ints >= 0, got {value!r}")
+  return tuple(sorted(set(ks)))
+
+
+def check_judge(spec) -> None:
+  """A judge object, a keyword list name, or "model:<dir>" with a config.json."""
+  if not isinstance(spec, str):
+    if not callable(getattr(spec, "judge", None)):
+      raise ValueError(f"{spec!r} has no judge(responses, prompts) method")
+    return
+  if spec in judges.KEYWORD_LISTS:
+    return
+  path = spec[len("model:"):]
+  if not spec.startswith("model:") or not path:
+    raise ValueError(f"{spec!r} is unknown; choose one of {sorted(judges.KEYWORD_LISTS)} or "
+                     "'model:<HF checkpoint directory>'")
+  if not (epath.Path(path) / "config.json").exists():
+    raise ValueError(f"{spec!r}: {path}/config.json does not exist")
+
+
+def check_settings(values: Mapping, judge, *, prefix: str = "") -> Settings:
+  """Settings from plain values; one ValueError naming every bad `<prefix><name>=value`."""
+  v = dict(values)
+  problems = []
+
+  def bad(name, why):
+    problems.append(f"{prefix}{name}={v[name]!r}: {why}")
+
+  if v["template"] not in templates.TEMPLATES:
+    bad("template", f"choose one of {sorted(templates.TEMPLATES)}")
+  for name in ("max_new_tokens", "batch_size"):
+    if isinstance(v[name], bool) or not isinstance(v[name], int) or v[name] < 1:
+      bad(name, "must be an int >= 1")
+  try:
+    v["prefill_ks"] = parse_ks(v["prefill_ks"])
+  except ValueError as e:
+    bad("prefill_ks", str(e))
+  if not v["temperature"] >= 0.0:
+    bad("temperature", "must be >= 0 (0 = greedy)")
+  if not 0.0 < v["top_p"] <= 1.0:
+    bad("top_p", "must be in (0, 1]")
+  v["limit"] = v["limit"] or 0
+  if isinstance(v["limit"], bool) or not isinstance(v["limit"], int) or v["limit"] < 0:
+    bad("limit", "must be an int >= 0 (0 = every item)")
+  try:
+    check_judge(judge)
+  except ValueError as e:
+    problems.append(f"{prefix}judge: {e}")
+  if problems:
+    raise ValueError("; ".join(problems))
+  return Settings(**{f.name: v[f.name] for f in dataclasses.fields(Settings)})
+
+
+def from_config(config, *, seed: int | None = None) -> Settings:
+  """Settings from config.eval (keys it lacks take the defaults); ValueError names every bad
+  eval.<key>. `seed`: instead of eval.seed (the toy world samples with the run's seed)."""
+  e = config.get("eval")
+  if e is None:
+    raise ValueError("the config has no `eval` section; see configs/base.py for its keys")
+  defaults = Settings()
+  values = {f.name: e.get(f.name, getattr(defaults, f.name))
+            for f in dataclasses.fields(Settings)}
+  if seed is not None:
+    values["seed"] = seed
+  return check_settings(values, e.get("judge", "strict"), prefix="eval.")

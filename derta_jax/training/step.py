@@ -1,0 +1,190 @@
+"""The DeRTa train step: pure, jitted once with shardings and a donated state.
+
+State: {"step": int32, "params": fp32 master params (nnx.State), "opt_state": optax state}.
+The model runs in its compute dtype; the loss is `derta_loss_from_hidden` (no [B, T, V]
+logits), normalised by the token counts of the whole global batch, so gradient
+accumulation over micro-batches gives the full-batch gradient.
+
+With LoRA (config.lora.rank > 0) "params" holds the adapters only, and the frozen base
+weights (in lora.base_dtype) are a separate argument of the step, sharded, never donated
+and never checkpointed: a checkpoint is the adapters plus the config, whose init.hf_path
+names the base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from derta_jax import losses, optim, sharding
+from derta_jax.models import llama, lora
+
+
+def state_shardings(params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules=sharding.DEFAULT_RULES):
+  """Shardings of the whole train state: params from their logical axes, each optimizer
+  leaf like the parameter whose tree path ends its own (Adam's mu and nu), the rest
+  (step counts) replicated."""
+  p_shardings = sharding.param_shardings(params, mesh, rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  by_path = dict(jax.tree_util.tree_flatten_with_path(p_shardings)[0])
+  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
+
+  def pick(path, leaf):
+    del leaf
+    for i in range(len(path)):
+      if path[i:] in by_path:
+        return by_path[path[i:]]
+    return replicated
+
+  opt = jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, abstract_params))
+  return dict(step=replicated, params=p_shardings, opt_state=opt)
+
+
+def split_model(model: llama.Llama):
+  """(graphdef, trained params, frozen base or None): with LoRA only the adapters train."""
+  if model.config.lora is None:
+    return (*nnx.split(model, nnx.Param), None)
+  return nnx.split(model, lora.LoraParam, nnx.Param)
+
+
+def abstract_state(config: llama.LlamaConfig, tx: optax.GradientTransformation,
+                   mesh: Mesh | None = None):
+  """(graphdef, train state of jax.ShapeDtypeStructs, shardings or None): nothing allocated."""
+  graphdef, params, _ = split_model(llama.abstract_model(config))
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
+  state = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+               opt_state=jax.eval_shape(tx.init, params))
+  if mesh is None:
+    return graphdef, state, None
+  shardings = state_shardings(split_model(llama.abstract_model(config))[1], tx, mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
+                       shardings)
+  return graphdef, state, shardings
+
+
+def abstract_base(config: llama.LlamaConfig, mesh: Mesh | None = None):
+  """(frozen base of jax.ShapeDtypeStructs in config.param_dtype, shardings or None) of a
+  LoRA model; (None, None) without LoRA."""
+  if config.lora is None:
+    return None, None
+  base = split_model(llama.abstract_model(config))[2]
+  if mesh is None:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base), None
+  shardings = sharding.param_shardings(base, mesh)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), base,
+                      shardings), shardings
+
+
+def loss_fn(graphdef, params, batch, loss_config: losses.LossConfig, *, counts, base=None):
+  """(loss, metrics) of one (micro-)batch; `counts` are the global batch's token counts."""
+  model = nnx.merge(graphdef, params) if base is None else nnx.merge(graphdef, params, base)
+  hidden_BxTxD = model.hidden_states(batch["input_ids"], batch.get("positions"),
+                                     batch.get("segment_ids"), batch.get("lora_keys"))
+  unembed_DxV = model.unembed_DxV().astype(model.config.compute_dtype)
+  return losses.derta_loss_from_hidden(
+      hidden_BxTxD=hidden_BxTxD, unembed_DxV=unembed_DxV, batch=batch,
+      refusal_ids=loss_config.refusal_ids, rto_weight=loss_config.rto_weight,
+      normalize=loss_config.normalize, z_loss=loss_config.z_loss, counts=counts,
+      chunk_size=loss_config.chunk_size)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable,
+                    loss_config: losses.LossConfig, *, micro_batches: int = 1):
+  """train_step(state, batch[, base]) -> (state, metrics), not yet jitted; `base`: the frozen
+  weights of a LoRA model."""
+
+  def train_step(state: dict[str, Any], batch: dict[str, jax.Array], base=None):
+    batch = dict(batch)
+    if base is not None:  # LoRA dropout keys, one a row: micro-batches take their rows' keys
+      batch["lora_keys"] = lora.row_keys(seed=loss_config.seed, step=state["step"],
+                                         rows=batch["input_ids"].shape[0])
+    if loss_config.rto_keep_rate < 1.0:
+      batch["rto_mask"] = losses.rto_keep_mask(
+          rto_mask_BxT=batch["rto_mask"], keep_rate=loss_config.rto_keep_rate,
+          seed=loss_config.seed, step=state["step"], segment_ids_BxT=batch.get("segment_ids"))
+    counts = (jnp.sum(batch["mle_mask"]), jnp.sum(batch["rto_mask"]))
+
+    def grad_fn(micro):
+      return jax.value_and_grad(
+          lambda p: loss_fn(graphdef, p, micro, loss_config, counts=counts, base=base),
+          has_aux=True)(state["params"])
+
+    (loss, metrics), grads = optim.accumulate_gradients(grad_fn, batch,
+                                                        micro_batches=micro_batches)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    if micro_batches > 1:  # per-micro-batch means and counts were summed
+      metrics = {k: v / micro_batches for k, v in metrics.items()}
+      metrics.update(mle_tokens=counts[0].astype(jnp.float32),
+                     rto_tokens=counts[1].astype(jnp.float32))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   lr=schedule(state["step"]))
+    return dict(step=state["step"] + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def init_state(model: llama.Llama, tx: optax.GradientTransformation, mesh: Mesh | None = None):
+  """(graphdef, state, state shardings or None) from a model; params become fp32 masters
+  (with LoRA: the adapters; `frozen_base` gives the rest)."""
+  graphdef, trained, _ = split_model(model)
+  params = jax.tree.map(lambda x: x.astype(jnp.float32), trained)
+  if mesh is None:
+    # Committed to one device, like the step's outputs, so the step compiles only once.
+    state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params))
+    return graphdef, jax.device_put(state, jax.local_devices()[0]), None
+  shardings = state_shardings(trained, tx, mesh)
+  params = jax.device_put(params, shardings["params"])
+  state = dict(step=jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]), params=params,
+               opt_state=jax.jit(tx.init, out_shardings=shardings["opt_state"])(params))
+  return graphdef, state, shardings
+
+
+def frozen_base(model: llama.Llama, mesh: Mesh | None = None):
+  """(base, shardings or None) of a LoRA model, placed as the step takes it; (None, None)
+  without LoRA."""
+  base = split_model(model)[2]
+  if base is None:
+    return None, None
+  if mesh is None:
+    return jax.device_put(base, jax.local_devices()[0]), None
+  shardings = sharding.param_shardings(base, mesh)
+  return jax.device_put(base, shardings), shardings
+
+
+def jit_train_step(train_step, state_shardings, mesh: Mesh | None, base_shardings=None,
+                   tpu_compiler_options: str = "overlap"):
+  """jit with in/out shardings (batch rows over data x fsdp) and the state donated; the
+  frozen base of a LoRA step (`base_shardings`) is read, never donated."""
+  if mesh is None:
+    return jax.jit(train_step, donate_argnums=0)
+  rows = sharding.batch_sharding(mesh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  base = () if base_shardings is None else (base_shardings,)
+  jitted = jax.jit(train_step, in_shardings=(state_shardings, rows, *base),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0,
+                   compiler_options=sharding.compiler_options(mesh, tpu_compiler_options))
+  return _MeshStep(jitted, mesh)
+
+
+class _MeshStep:
+  """The jitted step, traced and run under `jax.set_mesh(mesh)` so the model can pin its
+  activations to batch-row sharding; `.lower(...)` as for any jitted function (AOT)."""
+
+  def __init__(self, jitted, mesh: Mesh):
+    self._jitted, self._mesh = jitted, mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self._mesh):
+      return self._jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self._mesh):
+      return self._jitted.lower(*args)
