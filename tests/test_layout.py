@@ -53,3 +53,13 @@ def test_base_config_has_a_comment_on_every_field():
     assert lines[j].lstrip().startswith("#"), f"configs/base.py:{i + 1}: {line.strip()}"
   leaves = sum(len(v) if isinstance(v, dict) else 1 for v in base.get_config().to_dict().values())
   assert fields == leaves  # every field of the schema was looked at
+
+
+def test_public_api_at_the_package_top():
+  import derta_jax
+
+  for name in derta_jax.__all__:
+    assert getattr(derta_jax, name) is not None, name
+  assert callable(derta_jax.generate) and callable(derta_jax.evaluate)
+  assert callable(derta_jax.load_hf) and callable(derta_jax.save_hf)
+  assert callable(derta_jax.derta_loss) and callable(derta_jax.train)

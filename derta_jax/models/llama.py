@@ -2,7 +2,8 @@
 
 Shape legend: B batch, T query tokens, S key tokens, D model, N query heads, K kv heads,
 G query heads per kv head (N = K * G), H head dim, F MLP hidden, V vocab, L layers,
-R LoRA rank (models/lora.py).
+R LoRA rank (lora_layer.py). `LlamaConfig` and the presets live in llama_config.py and are
+re-exported here.
 
 Layers are always stored stacked (a leading "layers" axis on every block parameter), so
 a checkpoint is the same whether the forward pass scans over layers or unrolls them.
