@@ -1,8 +1,9 @@
 """The training loop: set up from the config, restore or initialise, step, checkpoint, export.
 
 Resumes from <workdir>/checkpoints; metrics are read one step late, so the device never
-waits for the host; a state is saved only after its loss was read and found finite;
-<workdir>/hf (and <workdir>/peft with LoRA) is written when the last step is done.
+waits for the host; a state is saved only after the step that produced it reported a
+finite loss; <workdir>/hf (and <workdir>/peft with LoRA) is written when the last step is
+done.
 """
 
 from __future__ import annotations
