@@ -246,9 +246,6 @@ def test_truncation_cuts_harmful_prefix_then_response_never_all_of_it(llama3):
   assert int(out["mle_mask"].sum()) == 3 * 3
 
 
-UPSTREAM_SAMPLE = "/work/shared/upstream/example_data_to_read.json"
-
-
 def test_encode_matches_the_authors_preprocessing(tmp_path, llama3):
   """Upstream: ids = [BOS] + tok(prefix + text); labels masked on [BOS] + tok(prefix);
   RTO rows relabelled to 19701; position t predicts label t + 1."""
@@ -262,8 +259,6 @@ def test_encode_matches_the_authors_preprocessing(tmp_path, llama3):
              Example("[INST] q [\\INST] Do", "n't do it<|end_of_text|>", "rto")]
   data.write_upstream(rows + merging, path)
   rows = list(data.load_upstream(path))
-  if os.path.exists(UPSTREAM_SAMPLE):  # the authors' sample file, where present
-    rows += data.load_upstream(UPSTREAM_SAMPLE)
   out = data.encode(rows, llama3, seq_len=1024, refusal_ids=19701, pack=False)
   differ = 0
   for r, ex in enumerate(rows):
@@ -280,7 +275,7 @@ def test_encode_matches_the_authors_preprocessing(tmp_path, llama3):
     boundary = tokenize.upstream_boundary_differs(ex.prompt, ex.response, llama3)
     assert same != boundary, (r, ex)
     differ += boundary
-  # Exactly the two merging rows differ; every recipe row (and sample row) agrees.
+  # Exactly the two merging rows differ; every recipe row agrees.
   assert differ == 2
 
 

@@ -1,7 +1,6 @@
 """JSONL readers and writers, and prompt templates."""
 
 import json
-import pathlib
 import re
 
 import pytest
@@ -9,8 +8,6 @@ from absl import logging
 
 from derta_jax.data import formats, templates
 from derta_jax.data.records import DataError, EvalItem, Example, Helpful, Triple
-
-UPSTREAM_SAMPLE = pathlib.Path("/work/shared/upstream/example_data_to_read.json")
 
 EXAMPLES = [
     Example(prompt="[INST] Name a fruit. [\\INST]", response=" An apple.<|end_of_text|>"),
@@ -72,18 +69,6 @@ def test_upstream_harmful_prefix_joins_the_prompt(tmp_path):
       "prefix": "[INST] q [\\INST] Step one:", "text": " Sorry.", "safe": "false"}
   assert formats.load_upstream(path) == [Example(prompt="[INST] q [\\INST] Step one:",
                                                  response=" Sorry.")]
-
-
-def test_upstream_sample_round_trips_byte_exact(tmp_path):
-  # The authors' sample lives outside the repository (the project never ships it); the same
-  # byte-exact property is tested on records built here in the test above.
-  if not UPSTREAM_SAMPLE.exists():
-    pytest.skip(f"{UPSTREAM_SAMPLE} is not on this machine")
-  loaded = formats.load_upstream(UPSTREAM_SAMPLE)
-  assert [ex.kind for ex in loaded].count("rto") >= 1
-  out = tmp_path / "out.json"
-  assert formats.write_upstream(loaded, out) == len(loaded)
-  assert out.read_bytes() == UPSTREAM_SAMPLE.read_bytes()
 
 
 def test_safe_true_marks_rto(tmp_path):
