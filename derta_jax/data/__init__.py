@@ -1,4 +1,5 @@
-"""DeRTa data: upstream formats, templates, recipes, prefix sampling, tokenizing, batches."""
+"""DeRTa data, from files to batches: the authors' formats (JSONL and ArrayRecord), templates,
+recipes, seeded prefix cuts, tokenizing and packing, and the host-sharded batch of each step."""
 
 from derta_jax.data.formats import (
            load_eval,
