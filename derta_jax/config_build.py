@@ -50,14 +50,6 @@ def check_same_settings(stored: Mapping, current: Mapping, keys: Iterable[str], 
     raise ValueError(f"{where}; (stored, now) differ in {sorted(diff)}: {diff}; {hint}")
 
 
-def stored_config(workdir: Path) -> dict | None:
-  """The config saved with the latest checkpoint in <workdir>/checkpoints, or None."""
-  if not (workdir / "checkpoints").is_dir():  # a Checkpointer would create the directory
-    return None
-  with orbax.Checkpointer(workdir, every_steps=1) as ckpt:
-    return None if ckpt.latest_step() is None else ckpt.restore_config()
-
-
 def latest_checkpoint(workdir: Path) -> Path | None:
   """<workdir>/checkpoints/<latest step>, or None."""
   if not (workdir / "checkpoints").is_dir():
@@ -65,6 +57,14 @@ def latest_checkpoint(workdir: Path) -> Path | None:
   with orbax.Checkpointer(workdir, every_steps=1) as ckpt:
     step = ckpt.latest_step()
   return None if step is None else workdir / "checkpoints" / str(step)
+
+
+def stored_config(workdir: Path) -> dict | None:
+  """The config saved with the latest checkpoint in <workdir>/checkpoints, or None."""
+  if latest_checkpoint(workdir) is None:
+    return None
+  with orbax.Checkpointer(workdir, every_steps=1) as ckpt:
+    return ckpt.restore_config()
 
 
 # ------------------------------------------------------------------------ model, mesh
@@ -128,11 +128,6 @@ def _abstract_on(tree, shardings):
                       shardings)
 
 
-def _placed(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      tree)
-
-
 def checkpoint_model(config, path: str, mesh) -> llama.Llama:
   """The model of a train checkpoint `path` (<workdir>/checkpoints/<step>) or saved params:
   model.preset's (or init.hf_path's) architecture, params placed by their logical axes on
@@ -170,8 +165,8 @@ def frozen_base_model(config, mesh) -> llama.Llama:
   base_config.model.param_dtype = config.lora.base_dtype
   model = build_model(base_config, mesh)
   if config.init.orbax_path:
-    nnx.update(model, orbax.load_params(config.init.orbax_path,
-                                        _placed(nnx.state(model, nnx.Param))))
+    # load_params reads onto the shardings of the arrays it is given.
+    nnx.update(model, orbax.load_params(config.init.orbax_path, nnx.state(model, nnx.Param)))
   return model
 
 
@@ -189,7 +184,7 @@ def adapted_model(config, path, mesh=None) -> llama.Llama:
   model = lora.attach(frozen_base_model(config, mesh), lora.from_config(config.lora),
                       seed=config.seed, mesh=mesh)
   graphdef, adapters, base = nnx.split(model, lora.LoraParam, nnx.Param)
-  return nnx.merge(graphdef, orbax.load_params(path, _placed(adapters)), base)
+  return nnx.merge(graphdef, orbax.load_params(path, adapters), base)
 
 
 # ------------------------------------------------------------------- optimizer, loss

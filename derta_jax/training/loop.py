@@ -84,9 +84,7 @@ def restore_or_init(config, run: Setup):
   model = run.lora_model or config_build.build_model(config, mesh)
   graphdef, state, shardings = step.init_state(model, run.tx, mesh)
   if config.init.orbax_path and run.base is None:
-    state["params"] = orbax.load_params(config.init.orbax_path, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        state["params"]))
+    state["params"] = orbax.load_params(config.init.orbax_path, state["params"])
   return graphdef, state, shardings, 0
 
 
