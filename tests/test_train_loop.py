@@ -7,11 +7,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from conftest import set_config
+from flax import nnx
 
 from configs import toy_cpu
 from derta_jax import main
+from derta_jax.checkpoints import orbax
+from derta_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = dict(mode="train", optim__schedule="constant", optim__lr=3e-3, train__log_every=1,
@@ -119,3 +123,24 @@ def test_bad_configs_fail_before_training_with_the_value(tmp_path, overrides, ma
   with pytest.raises(ValueError, match=match):
     main.run(_config(train__num_steps=2, **overrides), str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))
+
+
+def test_init_orbax_path_starts_from_those_params(tmp_path):
+  source = tmp_path / "source"
+  main.run(_config(train__num_steps=5, mesh__num_devices=1), str(source))
+  config = _config(train__num_steps=5, init__orbax_path=str(source / "checkpoints" / "5"))
+  for name in ("run", "fresh"):
+    (tmp_path / name).mkdir()
+  run = loop.setup(config, tmp_path / "run")
+  _, state, _, start = loop.restore_or_init(config, run)
+  run.ckpt.close()
+  stored = orbax.load_params(source / "checkpoints" / "5", state["params"])
+  assert start == 0
+  for (_, got), (_, want) in zip(nnx.to_flat_state(state["params"]),
+                                 nnx.to_flat_state(stored), strict=True):
+    np.testing.assert_array_equal(np.asarray(got[...]), np.asarray(want[...]))
+  fresh_run = loop.setup(_config(), tmp_path / "fresh")
+  fresh = loop.restore_or_init(_config(), fresh_run)[1]
+  fresh_run.ckpt.close()
+  assert any(not np.array_equal(np.asarray(a[...]), np.asarray(b[...])) for (_, a), (_, b) in
+             zip(nnx.to_flat_state(fresh["params"]), nnx.to_flat_state(stored), strict=True))
