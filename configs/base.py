@@ -82,6 +82,9 @@ def _data() -> ml_collections.ConfigDict:
   c.n_rto = -1
   c.n_prefix = -1
   c.n_vanilla = -1
+  # Fail a run when more than this share of an epoch's examples is longer than
+  # train.seq_len and would be cut (how many are cut is in the summary and metrics).
+  c.max_truncated_fraction = 0.05
   # Size of the synthetic source.
   c.synthetic_helpful = 80
   c.synthetic_triples = 80
@@ -117,9 +120,26 @@ def _train() -> ml_collections.ConfigDict:
   c.micro_batches = 1
   # Write metrics.jsonl / TensorBoard every this many steps.
   c.log_every = 10
+  # The divergence guard (derta_jax/training/guard.py); a NaN / Inf loss or gradient norm
+  # always stops the run.
+  c.divergence = _divergence()
   # XLA:TPU options of the jitted step (derta_jax.sharding.TPU_COMPILER_OPTIONS): "overlap"
   # (asynchronous, overlapped FSDP collectives) or "default" (XLA's own); ignored off TPU.
   c.tpu_compiler_options = "overlap"
+  return c
+
+
+def _divergence() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Stop a run whose gradient norm is 0 at a loss above 0.01 (a dead model) or whose loss
+  # spikes; it stops naming the step, keeps the last good checkpoint and does not export.
+  c.enabled = True
+  # A spike: loss > spike_ratio x the median of the last `window` steps' losses and
+  # > that median + spike_min_delta, checked once `warmup` steps were seen.
+  c.spike_ratio = 5.0
+  c.spike_min_delta = 1.0
+  c.window = 50
+  c.warmup = 20
   return c
 
 
@@ -142,7 +162,8 @@ def _optim() -> ml_collections.ConfigDict:
 
 def _ckpt() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # Orbax checkpoint interval (also on SIGTERM and at the end) and how many to keep.
+  # Orbax checkpoint interval (also on SIGTERM and at the end) and how many to keep (0: all).
+  # A state is saved only once its own loss passed the divergence guard.
   c.every_steps = 200
   c.max_to_keep = 3
   return c
@@ -200,6 +221,16 @@ def _toyworld() -> ml_collections.ConfigDict:
   return c
 
 
+def _resume() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Resuming a workdir refuses a config that differs from the checkpoint's in any key that
+  # changes the data, model or optimizer trajectory (derta_jax.config_build.RESUMABLE lists
+  # the keys that may change). Keys (or whole sections) allowed to differ on purpose,
+  # comma-separated, e.g. "optim.lr,seed".
+  c.allow_changes = ""
+  return c
+
+
 def _compile() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # TPU topology for mode=compile, e.g. v5p:4x4x4 or v5e:16x16.
@@ -229,8 +260,9 @@ def _eval() -> ml_collections.ConfigDict:
   c.mmlu_path = ""
   # AlpacaEval questions -> generations in AlpacaEval's format (instruction, output, generator).
   c.alpaca_path = ""
-  # Prompt template of derta_jax.data.templates.TEMPLATES (the authors' eval prompt).
-  c.template = "upstream_eval"
+  # Prompt template of derta_jax.data.templates.TEMPLATES; "" = the training template's
+  # generation form (data.template "upstream" -> "upstream_eval", the authors' eval prompt).
+  c.template = ""
   # Refusal judge: "strict", "gcg", "qi" (keyword lists) or "model:<HF checkpoint dir>".
   c.judge = "strict"
   # Longest generation, in tokens.
@@ -250,8 +282,9 @@ def _eval() -> ml_collections.ConfigDict:
 
 
 SECTIONS = {"model": _model, "init": _init, "mesh": _mesh, "data": _data, "loss": _loss,
-            "train": _train, "optim": _optim, "ckpt": _ckpt, "export": _export,
-            "lora": _lora, "toyworld": _toyworld, "compile": _compile, "eval": _eval}
+            "train": _train, "optim": _optim, "ckpt": _ckpt, "resume": _resume,
+            "export": _export, "lora": _lora, "toyworld": _toyworld, "compile": _compile,
+            "eval": _eval}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

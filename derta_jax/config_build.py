@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 from flax import nnx
 
 from derta_jax import data, losses, optim, sharding
@@ -24,8 +25,6 @@ from derta_jax.models import llama, lora
 
 _ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
                 "head_dim", "rope_theta", "rope_scaling", "tie_embeddings")
-# Config keys that decide a LoRA run's base weights (seed and preset: of a random base).
-_BASE_KEYS = ("init.hf_path", "init.orbax_path", "model.preset", "seed")
 SOURCES = ("synthetic", "recipe", "tfds", "upstream")
 
 
@@ -65,6 +64,17 @@ def stored_config(workdir: Path) -> dict | None:
     return None
   with orbax.Checkpointer(workdir, every_steps=1) as ckpt:
     return ckpt.restore_config()
+
+
+def checkpoint_config(path) -> dict | None:
+  """The config stored with a train checkpoint `path` (<workdir>/checkpoints/<step>); None
+  for saved params without one."""
+  path = epath.Path(path)
+  if not (path.name.isdigit() and path.parent.name == "checkpoints"
+          and (path / orbax.CONFIG).is_dir()):
+    return None
+  with orbax.Checkpointer(path.parent.parent, every_steps=1) as ckpt:
+    return ckpt.restore_config(int(path.name))
 
 
 # ------------------------------------------------------------------------ model, mesh
@@ -170,14 +180,6 @@ def frozen_base_model(config, mesh) -> llama.Llama:
   return model
 
 
-def check_same_base(stored: dict, config, directory) -> None:
-  """Raises unless a checkpoint's stored config names the base this config builds."""
-  keys = _BASE_KEYS if not config.init.hf_path else _BASE_KEYS[:2]
-  check_same_settings(stored, config.to_dict(), keys,
-                      where=f"{directory}: these adapters were trained on another base",
-                      hint="resume with the checkpoint's values or start in a fresh workdir")
-
-
 def adapted_model(config, path, mesh=None) -> llama.Llama:
   """The LoRA model of a checkpoint (e.g. to evaluate it): the base the config names plus
   the adapters saved in `path`, a `<workdir>/checkpoints/<step>` directory."""
@@ -215,15 +217,22 @@ def check_train_config(config) -> None:
     problems.append(f"loss.rto_keep_rate={lo.rto_keep_rate} must be in (0, 1]")
   if lo.chunk_size < 1:
     problems.append(f"loss.chunk_size={lo.chunk_size} must be >= 1")
-  if t.micro_batches < 1 or t.global_batch % t.micro_batches:
+  if t.global_batch < 1 or t.seq_len < 3:
+    problems.append(f"train.global_batch={t.global_batch}, train.seq_len={t.seq_len}: need "
+                    "global_batch >= 1 and seq_len >= 3 (BOS, a prompt token, a target)")
+  elif t.micro_batches < 1 or t.global_batch % t.micro_batches:
     problems.append(f"train.micro_batches ({t.micro_batches}) must divide train.global_batch "
                     f"({t.global_batch})")
   if t.num_steps < 0 or (t.num_steps == 0 and t.epochs <= 0):
     problems.append(f"train.num_steps={t.num_steps}, train.epochs={t.epochs}: set a positive "
                     "num_steps, or num_steps=0 and epochs > 0")
-  if t.log_every < 1 or config.ckpt.every_steps < 1:
+  if t.log_every < 1 or config.ckpt.every_steps < 1 or config.ckpt.max_to_keep < 0:
     problems.append(f"train.log_every ({t.log_every}) and ckpt.every_steps "
-                    f"({config.ckpt.every_steps}) must be >= 1")
+                    f"({config.ckpt.every_steps}) must be >= 1, ckpt.max_to_keep "
+                    f"({config.ckpt.max_to_keep}) >= 0 (0: keep all)")
+  if not 0.0 <= config.data.max_truncated_fraction <= 1.0:
+    problems.append(f"data.max_truncated_fraction={config.data.max_truncated_fraction} must "
+                    "be in [0, 1]")
   if t.tpu_compiler_options not in sharding.TPU_COMPILER_OPTIONS:
     problems.append(f"train.tpu_compiler_options={t.tpu_compiler_options!r}; choose one of "
                     f"{sorted(sharding.TPU_COMPILER_OPTIONS)}")
@@ -255,9 +264,17 @@ def tokenizer_path(config, workdir: Path, *, model_from_hf: bool = False) -> str
 def refusal_ids(config, tokenizer) -> tuple[int, ...]:
   """loss.refusal_ids, or the tokens of data.refusal_text under data.refusal_policy."""
   if config.loss.refusal_ids:
-    return tuple(config.loss.refusal_ids)
-  return tuple(data.refusal_ids(tokenizer, config.data.refusal_text,
-                                policy=config.data.refusal_policy))
+    ids = tuple(config.loss.refusal_ids)
+    if not all(isinstance(i, int) and 0 <= i < tokenizer.vocab_size for i in ids):
+      raise ValueError(f"loss.refusal_ids={ids}: ids must be ints in [0, "
+                       f"{tokenizer.vocab_size}) of the tokenizer")
+    return ids
+  try:
+    return tuple(data.refusal_ids(tokenizer, config.data.refusal_text,
+                                  policy=config.data.refusal_policy))
+  except ValueError as e:
+    raise ValueError(f"data.refusal_text={config.data.refusal_text!r}, data.refusal_policy="
+                     f"{config.data.refusal_policy!r}: {e}") from None
 
 
 def check_vocab(tokenizer, vocab_size: int, path) -> None:
@@ -282,21 +299,58 @@ def tfds_sources(d) -> tuple[list, list]:
   return helpful, triples
 
 
+def _files(key: str, value: str, source: str) -> list[str]:
+  """The file(s) data.<key> names (comma-separated for upstream_path); ValueError naming the
+  key and value when it is unset, has an empty entry or names no file."""
+  if not value.strip():
+    raise ValueError(f"data.{key} is unset; data.source={source!r} reads it")
+  parts = value.split(",") if key == "upstream_path" else [value]
+  for n, part in enumerate(parts, 1):
+    if not part.strip():
+      raise ValueError(f"data.{key}={value!r}: entry {n} of {len(parts)} is empty (a "
+                       "trailing or doubled comma?)")
+    if not epath.Path(part).is_file():
+      raise ValueError(f"data.{key}={value!r}: {part} is not a file")
+  return parts
+
+
+def _records(load, key: str, value: str, source: str) -> list:
+  """Every record of the files data.<key> names; ValueError when one of them holds none."""
+  records = []
+  for path in _files(key, value, source):
+    found = load(path)
+    if not found:
+      raise ValueError(f"data.{key}={value!r}: {path} holds no records (an empty file?)")
+    records += found
+  return records
+
+
+def _sources(config) -> tuple[list, list]:
+  """(helpful pairs, triples) of data.source synthetic, recipe or tfds, checked non-empty."""
+  d = config.data
+  if d.source == "synthetic":
+    return synthetic.make_sources(seed=config.seed, n_helpful=d.synthetic_helpful,
+                                  n_triples=d.synthetic_triples)
+  if d.source == "tfds":
+    helpful, triples = tfds_sources(d)
+    if not triples:
+      raise ValueError(f"data.tfds_dir={d.tfds_dir!r}, data.tfds_split={d.tfds_split!r}: "
+                       "no triples")
+    return helpful, triples
+  helpful = (_records(data.load_helpful, "helpful_path", d.helpful_path, d.source)
+             if d.helpful_path else [])
+  return helpful, _records(data.load_triples, "triples_path", d.triples_path, d.source)
+
+
 def training_data(config, workdir: Path):
   """(tokenizer, recipe(epoch) -> examples, refusal ids) from config.data and config.loss."""
   d = config.data
   if d.source not in SOURCES:
     raise ValueError(f"data.source={d.source!r}; choose one of {SOURCES}")
-  if d.source == "synthetic":
-    helpful, triples = synthetic.make_sources(seed=config.seed, n_helpful=d.synthetic_helpful,
-                                              n_triples=d.synthetic_triples)
-  elif d.source == "recipe":
-    helpful = data.load_helpful(d.helpful_path) if d.helpful_path else []
-    triples = data.load_triples(d.triples_path)
-  elif d.source == "tfds":
-    helpful, triples = tfds_sources(d)
+  if d.source == "upstream":
+    examples = _records(data.load_upstream, "upstream_path", d.upstream_path, d.source)
   else:
-    examples = [ex for path in d.upstream_path.split(",") for ex in data.load_upstream(path)]
+    helpful, triples = _sources(config)
   tokenizer = data.load_tokenizer(tokenizer_path(config, workdir))
   ids = refusal_ids(config, tokenizer)
   if d.source == "upstream":

@@ -22,6 +22,7 @@ from derta_jax.data.records import Example
 @dataclasses.dataclass
 class _Epoch:
   fitted: list
+  flags: np.ndarray  # per example: bits of the tokenize.CUTS made to fit seq_len
   kinds: list[str]
   rows: list[list[int]]
   stats: tokenize.EncodeStats
@@ -64,8 +65,10 @@ class Pipeline:
       order = np.random.default_rng([self.seed, epoch]).permutation(len(examples))
       examples = [examples[i] for i in order]
       stats = tokenize.EncodeStats(examples=len(examples))
-      fitted = [tokenize.fit_example(p, self.seq_len, stats)
-                for p in tokenize.tokenize_examples(examples, self.tokenizer, self._cache)]
+      fitted, flags = zip(*(tokenize.cut_example(p, self.seq_len) for p in
+                            tokenize.tokenize_examples(examples, self.tokenizer, self._cache)))
+      for f in flags:
+        stats.add(f)
       lengths = [1 + len(a) + len(b) + len(c) for a, b, c in fitted]
       rows = (tokenize.pack_rows(lengths, self.seq_len, window=self.window) if self.pack
               else [[i] for i in range(len(examples))])
@@ -74,7 +77,8 @@ class Pipeline:
                          f"train.global_batch ({self.global_batch})")
       stats.rows, stats.tokens = len(rows), int(sum(lengths))
       self._epochs = {e: v for e, v in self._epochs.items() if e >= epoch - 1}
-      self._epochs[epoch] = _Epoch(fitted, [e.kind for e in examples], rows, stats)
+      self._epochs[epoch] = _Epoch(list(fitted), np.asarray(flags), [e.kind for e in examples],
+                                   rows, stats)
       self._steps[epoch] = len(rows) // self.global_batch
     return self._epochs[epoch]
 
@@ -99,6 +103,15 @@ class Pipeline:
     return tokenize.build_rows(data.fitted, data.kinds, data.rows[first + lo:first + hi],
                                seq_len=self.seq_len, bos_id=self.tokenizer.bos_id,
                                pad_id=self.tokenizer.pad_id, refusal_id=self.refusal_id)
+
+  def cuts_at(self, step: int) -> dict[str, int]:
+    """How many examples of global step `step` were cut to fit seq_len, per kind of cut."""
+    epoch, index = self.locate(step)
+    data = self.epoch(epoch)
+    rows = data.rows[index * self.global_batch:(index + 1) * self.global_batch]
+    flags = data.flags[[i for row in rows for i in row]]
+    return {f"cut_{name.split('_')[0]}": int((flags >> i & 1).sum())
+            for i, name in enumerate(tokenize.CUTS)}
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's [global_batch / process_count, seq_len] rows of global step `step`."""

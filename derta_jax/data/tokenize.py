@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 
@@ -52,6 +54,20 @@ class Tokenizer:
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [self.encode(t) for t in texts]
 
+  def vocabulary(self) -> dict[str, int]:
+    """token -> id, special tokens included."""
+    raise NotImplementedError
+
+  def fingerprint(self) -> str:
+    """sha256 of the vocabulary: equal for tokenizers that map text to the same ids."""
+    items = sorted(self.vocabulary().items(), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(items).encode("utf-8")).hexdigest()
+
+  @property
+  def unk_id(self) -> int | None:
+    """The id of the unknown token, or None when every text has its own tokens."""
+    return None
+
 
 class TiktokenTokenizer(Tokenizer):
   """A LLaMA-3 `tokenizer.model` (base64 token, rank per line) read with tiktoken."""
@@ -72,6 +88,7 @@ class TiktokenTokenizer(Tokenizer):
     special = list(LLAMA3_SPECIAL) + [f"<|reserved_special_token_{i}|>" for i in
                                       range(2, LLAMA3_NUM_SPECIAL - len(LLAMA3_SPECIAL) + 2)]
     self.special = {name: len(ranks) + i for i, name in enumerate(special)}
+    self._ranks = ranks
     self._enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=LLAMA3_PATTERN,
                                   mergeable_ranks=ranks, special_tokens=self.special)
     self.bos_id = self.special["<|begin_of_text|>"]
@@ -87,6 +104,10 @@ class TiktokenTokenizer(Tokenizer):
 
   def decode(self, ids):
     return self._enc.decode(list(ids))
+
+  def vocabulary(self):
+    ranks = {base64.b64encode(t).decode("ascii"): r for t, r in self._ranks.items()}
+    return {**ranks, **self.special}
 
 
 class HFTokenizer(Tokenizer):
@@ -114,6 +135,13 @@ class HFTokenizer(Tokenizer):
   def decode(self, ids):
     return self._tok.decode(list(ids))
 
+  def vocabulary(self):
+    return dict(self._tok.get_vocab())
+
+  @property
+  def unk_id(self):
+    return self._tok.unk_token_id
+
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   """A HF tokenizer directory, or a LLaMA-3 tiktoken `tokenizer.model` file."""
@@ -140,22 +168,38 @@ def refusal_ids(tokenizer: Tokenizer, text: str = "Sorry", *, policy: str = "sin
   ids = tokenizer.encode(text)
   if not ids:
     raise ValueError(f"refusal text {text!r} encodes to no tokens")
+  if tokenizer.unk_id is not None and tokenizer.unk_id in ids:
+    raise ValueError(f"refusal text {text!r} encodes to {ids}, which holds the unknown token "
+                     f"(id {tokenizer.unk_id}): this vocabulary has no tokens for it, so RTO "
+                     "would train towards <unk>; choose a text the tokenizer knows")
   if len(ids) == 1 or policy == "first":
     return (ids[0],)
   raise ValueError(f"refusal text {text!r} is {len(ids)} tokens {ids} in this tokenizer; give "
                    f"one-token text, token ids, or policy='first' to train the first token")
 
 
+# The cuts fit_example may make, as bits of one example's flags (EncodeStats counts each).
+CUTS = ("harmful_prefix_shortened", "response_truncated", "prompt_truncated")
+
+
 @dataclasses.dataclass
 class EncodeStats:
-  """What encoding changed, counted per example."""
+  """What encoding changed, counted per example (`cut`: examples with any of the CUTS)."""
 
   examples: int = 0
   rows: int = 0
   tokens: int = 0
+  cut: int = 0
   harmful_prefix_shortened: int = 0
   response_truncated: int = 0
   prompt_truncated: int = 0
+
+  def add(self, flags: int) -> None:
+    """Counts one example's cuts (bit i: CUTS[i])."""
+    self.cut += bool(flags)
+    for i, name in enumerate(CUTS):
+      if flags >> i & 1:
+        setattr(self, name, getattr(self, name) + 1)
 
 
 class Encoded(dict):
@@ -176,27 +220,32 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Tokenizer,
   return [(cache[e.prompt], cache[e.harmful_prefix], cache[e.response]) for e in examples]
 
 
-def fit_example(parts, seq_len: int, stats: EncodeStats):
-  """Cut one example to at most seq_len tokens with BOS: the harmful prefix first, then the
-  response's tail (at least one response token stays), then the prompt's head."""
+def cut_example(parts, seq_len: int):
+  """((prompt, harmful prefix, response) cut to at most seq_len tokens with BOS, flags of the
+  CUTS made): the harmful prefix first, then the response's tail (at least one response
+  token stays), then the prompt's head."""
   prompt, harmful, response = parts
   if not response:
     raise DataError("an example has an empty response: nothing to train on")
-  excess = 1 + len(prompt) + len(harmful) + len(response) - seq_len
+  excess, flags = 1 + len(prompt) + len(harmful) + len(response) - seq_len, 0
   if excess > 0 and harmful:
     cut = min(excess, len(harmful))
-    harmful, excess = harmful[:len(harmful) - cut], excess - cut
-    stats.harmful_prefix_shortened += 1
+    harmful, excess, flags = harmful[:len(harmful) - cut], excess - cut, flags | 1
   if excess > 0 and len(response) > 1:
     cut = min(excess, len(response) - 1)
-    response, excess = response[:len(response) - cut], excess - cut
-    stats.response_truncated += 1
+    response, excess, flags = response[:len(response) - cut], excess - cut, flags | 2
   if excess > 0:
     if seq_len < 3:
       raise ValueError(f"seq_len={seq_len} leaves no room for BOS, a prompt token and a target")
-    prompt, excess = prompt[excess:], 0
-    stats.prompt_truncated += 1
-  return prompt, harmful, response
+    prompt, flags = prompt[excess:], flags | 4
+  return (prompt, harmful, response), flags
+
+
+def fit_example(parts, seq_len: int, stats: EncodeStats):
+  """`cut_example`'s parts, its cuts counted in `stats`."""
+  fitted, flags = cut_example(parts, seq_len)
+  stats.add(flags)
+  return fitted
 
 
 def pack_rows(lengths: Sequence[int], seq_len: int, *, window: int = 16):
@@ -271,9 +320,8 @@ def encode(examples: Sequence[Example], tokenizer: Tokenizer, *, seq_len: int,
                            refusal_id=first_refusal_id(refusal_ids)))
   stats.rows, stats.tokens = len(rows), int(sum(lengths))
   out.stats = stats
-  truncated = stats.harmful_prefix_shortened + stats.response_truncated + stats.prompt_truncated
-  if truncated:
-    logging.info("encode: %d of %d examples cut to seq_len %d (%s)", truncated, len(examples),
+  if stats.cut:
+    logging.info("encode: %d of %d examples cut to seq_len %d (%s)", stats.cut, len(examples),
                  seq_len, stats)
   return out
 

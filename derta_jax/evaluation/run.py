@@ -2,9 +2,12 @@
 
 Model, the first that exists: the latest Orbax checkpoint in <workdir>/checkpoints,
 init.orbax_path, init.hf_path, and for the toy (data.source "synthetic") a random init of
-model.preset. Tokenizer: the one training used (`config_build.tokenizer_path`), except
-that a model read from init.hf_path itself comes with that directory's tokenizer unless
-data.tokenizer_path is set.
+model.preset. A train checkpoint stores its run's config: its model, init, data, loss and
+lora sections and seed replace the eval config's (TRAINED_KEYS), so the model is rebuilt as
+trained, prompts use its template (eval.template "") and text goes through its tokenizer;
+data.tokenizer_path, when set, still wins (a moved copy), and a tokenizer whose vocabulary
+is not the checkpoint's is refused. A model read from init.hf_path itself comes with that
+directory's tokenizer unless data.tokenizer_path is set.
 """
 
 from __future__ import annotations
@@ -14,8 +17,13 @@ from pathlib import Path
 
 from etils import epath
 
-from derta_jax import config_build, data
+import ml_collections
+
+from derta_jax import config_build, data, resume
 from derta_jax.evaluation import evaluate, settings
+
+# What a train checkpoint's stored config decides for its evaluation.
+TRAINED_KEYS = ("model", "init", "data", "loss", "lora", "seed")
 
 
 def check_config(config, workdir: Path) -> tuple[settings.Settings, dict[str, str]]:
@@ -58,13 +66,43 @@ def model_source(config, workdir: Path) -> tuple[str, str]:
                    "only for the toy, data.source='synthetic')")
 
 
+def as_trained(config, stored: dict):
+  """`config` with the TRAINED_KEYS of a checkpoint's stored config (data.tokenizer_path
+  stays the eval config's when set)."""
+  view = config.copy_and_resolve_references()
+  for key in TRAINED_KEYS:
+    if key in stored:
+      value = stored[key]
+      view[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+  if config.data.tokenizer_path:
+    view.data.tokenizer_path = config.data.tokenizer_path
+  return view
+
+
+def _tokenizer(config, workdir: Path, kind: str, stored: dict | None):
+  """(tokenizer, path) of the model to evaluate, checked against the checkpoint's record."""
+  tok_path = config_build.tokenizer_path(config, workdir, model_from_hf=kind == "hf")
+  try:
+    tokenizer = data.load_tokenizer(tok_path)
+  except data.DataError as e:
+    if stored is None:
+      raise
+    raise data.DataError(f"{e}; the checkpoint was trained with this tokenizer: point "
+                         "--config.data.tokenizer_path at a copy of it") from None
+  if stored is not None:
+    resume.check_tokenizer(stored, tokenizer, tok_path, where="eval")
+  return tokenizer, tok_path
+
+
 def run(config, workdir: Path) -> dict:
   """Evaluate per config.eval; outputs in <workdir>/eval/."""
+  kind, path = model_source(config, workdir)
+  stored = config_build.checkpoint_config(path) if kind == "orbax" else None
+  if stored is not None:
+    config = as_trained(config, stored)
   checked, paths = check_config(config, workdir)
   loaded = evaluate.load_suites(paths, limit=checked.limit)
-  kind, path = model_source(config, workdir)
-  tok_path = config_build.tokenizer_path(config, workdir, model_from_hf=kind == "hf")
-  tokenizer = data.load_tokenizer(tok_path)
+  tokenizer, tok_path = _tokenizer(config, workdir, kind, stored)
   config_build.check_vocab(tokenizer, config_build.resolved_model_config(config).vocab_size,
                            tok_path)
   refusal = config_build.refusal_ids(config, tokenizer)
@@ -73,4 +111,5 @@ def run(config, workdir: Path) -> dict:
            else config_build.build_model(config, mesh))
   return evaluate.run_suites(model, tokenizer, loaded, paths=paths, workdir=workdir,
                              settings=checked, judge=config.eval.judge, refusal_ids=refusal,
-                             metadata=dict(model=f"{kind}: {path}", tokenizer=str(tok_path)))
+                             metadata=dict(model=f"{kind}: {path}", tokenizer=str(tok_path),
+                                           template=checked.template))

@@ -12,6 +12,8 @@ from derta_jax.data import templates
 from derta_jax.evaluation import judges
 
 PREFILL_KS = (0, 3, 5, 10, 20, 40)
+# The generation form of a training template, where the authors' differs (eval.template "").
+EVAL_FORM = {"upstream": "upstream_eval"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +94,8 @@ def check_settings(values: Mapping, judge, *, prefix: str = "") -> Settings:
 
 def from_config(config, *, seed: int | None = None) -> Settings:
   """Settings from config.eval (keys it lacks take the defaults); ValueError names every bad
-  eval.<key>. `seed`: instead of eval.seed (the toy world samples with the run's seed)."""
+  eval.<key>. `seed`: instead of eval.seed (the toy world samples with the run's seed).
+  eval.template "" takes data.template's generation form (EVAL_FORM)."""
   e = config.get("eval")
   if e is None:
     raise ValueError("the config has no `eval` section; see configs/base.py for its keys")
@@ -101,4 +104,7 @@ def from_config(config, *, seed: int | None = None) -> Settings:
             for f in dataclasses.fields(Settings)}
   if seed is not None:
     values["seed"] = seed
+  if not values["template"]:  # the training template's generation form
+    trained = config.get("data", {}).get("template", "upstream")
+    values["template"] = EVAL_FORM.get(trained, trained)
   return check_settings(values, e.get("judge", "strict"), prefix="eval.")

@@ -1,4 +1,10 @@
-"""Training metrics out: a progress bar, `<workdir>/metrics.jsonl`, TensorBoard events."""
+"""Training metrics out: a progress bar, `<workdir>/metrics.jsonl`, TensorBoard events.
+
+metrics.jsonl holds one row per logged step. A run resumed from step s first drops the rows
+of steps after s (written by the run that was stopped after its last checkpoint; the resumed
+run computes those steps again) and a half-written last line; TensorBoard is told to purge
+them too (`purge_step`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import json
 import math
 import os
 from pathlib import Path
+
+from absl import logging
 
 BAR_KEYS = ("loss", "mle_loss", "rto_loss", "lr", "tokens_per_s")
 
@@ -23,8 +31,10 @@ class MetricsLogger:
     from tqdm import tqdm
 
     workdir = Path(workdir)
+    drop_rows_after(workdir / "metrics.jsonl", start_step)
     self._file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-    self._tb = SummaryWriter(str(workdir / "tensorboard"))
+    self._tb = SummaryWriter(str(workdir / "tensorboard"),
+                             purge_step=start_step + 1 if start_step else None)
     self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
   def log(self, step: int, metrics: dict[str, float], *, write: bool) -> None:
@@ -47,6 +57,31 @@ class MetricsLogger:
       self._bar.close()
       self._file.close()
       self._tb.close()
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+  """Rewrites a metrics file without rows of steps after `step` or a half-written last line
+  (a temporary sibling renamed over it, so a kill leaves the old file or the new one)."""
+  if not path.exists():
+    return
+  lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+  kept = [x for x in lines if x.endswith("\n") and (n := _step_of(x)) is not None
+          and n <= step]
+  if len(kept) == len(lines):
+    return
+  logging.info("%s: dropped %d row(s) after step %d, the step this run resumes from", path,
+               len(lines) - len(kept), step)
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text("".join(kept), encoding="utf-8")
+  os.replace(tmp, path)
+
+
+def _step_of(line: str) -> int | None:
+  try:
+    step = json.loads(line).get("step")
+  except (json.JSONDecodeError, AttributeError):
+    return None
+  return step if isinstance(step, int) else None
 
 
 def _plain(v):

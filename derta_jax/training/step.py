@@ -95,12 +95,11 @@ def loss_fn(graphdef, params, batch, loss_config: losses.LossConfig, *, counts, 
       chunk_size=loss_config.chunk_size)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable,
-                    loss_config: losses.LossConfig, *, micro_batches: int = 1):
-  """train_step(state, batch[, base]) -> (state, metrics), not yet jitted; `base`: the frozen
-  weights of a LoRA model."""
+def _step_parts(graphdef, loss_config: losses.LossConfig, micro_batches: int):
+  """grads(state, batch, base) -> (loss, metrics, grads): what a step computes before its
+  update, shared by the train step and the check step."""
 
-  def train_step(state: dict[str, Any], batch: dict[str, jax.Array], base=None):
+  def grads(state, batch, base):
     batch = dict(batch)
     if base is not None:  # LoRA dropout keys, one a row: micro-batches take their rows' keys
       batch["lora_keys"] = lora.row_keys(seed=loss_config.seed, step=state["step"],
@@ -118,17 +117,42 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
 
     (loss, metrics), grads = optim.accumulate_gradients(grad_fn, batch,
                                                         micro_batches=micro_batches)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
     if micro_batches > 1:  # per-micro-batch means and counts were summed
       metrics = {k: v / micro_batches for k, v in metrics.items()}
       metrics.update(mle_tokens=counts[0].astype(jnp.float32),
                      rto_tokens=counts[1].astype(jnp.float32))
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                   lr=schedule(state["step"]))
+    return loss, dict(metrics, loss=loss, grad_norm=optax.global_norm(grads)), grads
+
+  return grads
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable,
+                    loss_config: losses.LossConfig, *, micro_batches: int = 1):
+  """train_step(state, batch[, base]) -> (state, metrics), not yet jitted; `base`: the frozen
+  weights of a LoRA model."""
+  grads_of = _step_parts(graphdef, loss_config, micro_batches)
+
+  def train_step(state: dict[str, Any], batch: dict[str, jax.Array], base=None):
+    _, metrics, grads = grads_of(state, batch, base)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = dict(metrics, lr=schedule(state["step"]))
     return dict(step=state["step"] + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
+
+
+def make_check_step(graphdef, schedule: Callable, loss_config: losses.LossConfig, *,
+                    micro_batches: int = 1):
+  """check_step(state, batch[, base]) -> metrics: what train_step would report for this state
+  and batch (loss, gradient norm, ...), without updating anything. The loop runs it on a
+  state before saving it, so a checkpoint holds only params whose own loss was seen."""
+  grads_of = _step_parts(graphdef, loss_config, micro_batches)
+
+  def check_step(state: dict[str, Any], batch: dict[str, jax.Array], base=None):
+    return dict(grads_of(state, batch, base)[1], lr=schedule(state["step"]))
+
+  return check_step
 
 
 def init_state(model: llama.Llama, tx: optax.GradientTransformation, mesh: Mesh | None = None):
@@ -160,16 +184,19 @@ def frozen_base(model: llama.Llama, mesh: Mesh | None = None):
 
 
 def jit_train_step(train_step, state_shardings, mesh: Mesh | None, base_shardings=None,
-                   tpu_compiler_options: str = "overlap"):
+                   tpu_compiler_options: str = "overlap", *, check: bool = False):
   """jit with in/out shardings (batch rows over data x fsdp) and the state donated; the
-  frozen base of a LoRA step (`base_shardings`) is read, never donated."""
+  frozen base of a LoRA step (`base_shardings`) is read, never donated. `check`: the
+  function is a check step (metrics only; the state is read, not donated)."""
+  donate = () if check else (0,)
   if mesh is None:
-    return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=donate)
   rows = sharding.batch_sharding(mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   base = () if base_shardings is None else (base_shardings,)
   jitted = jax.jit(train_step, in_shardings=(state_shardings, rows, *base),
-                   out_shardings=(state_shardings, replicated), donate_argnums=0,
+                   out_shardings=replicated if check else (state_shardings, replicated),
+                   donate_argnums=donate,
                    compiler_options=sharding.compiler_options(mesh, tpu_compiler_options))
   return _MeshStep(jitted, mesh)
 
