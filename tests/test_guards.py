@@ -133,3 +133,29 @@ def test_eval_decodes_with_the_tokenizer_and_template_the_checkpoint_was_trained
                      r"checkpoint was trained with \(.*trained_tok"):
     main.run(_eval_config(eval__harmful_path=str(questions), data__tokenizer_path=other),
              workdir)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(data__source="recipe"), r"data.triples_path is unset; data.source='recipe' reads it"),
+    (dict(data__source="recipe", data__triples_path="{empty}"),
+     r"data.triples_path='.*empty.jsonl': .*empty.jsonl holds no records"),
+    (dict(data__source="recipe", data__triples_path="{missing}"),
+     r"data.triples_path='.*missing.jsonl': .*missing.jsonl is not a file"),
+    (dict(data__source="upstream", data__upstream_path="{upstream},"),
+     r"data.upstream_path='.*upstream.jsonl,': entry 2 of 2 is empty \(a trailing"),
+    (dict(data__source="upstream"), r"data.upstream_path is unset"),
+    (dict(train__global_batch=0), r"train.global_batch=0, train.seq_len=64: need"),
+    (dict(data__refusal_text="Nope"), r"data.refusal_text='Nope'.*the unknown token \(id"),
+    (dict(loss__refusal_ids=(9999,)), r"loss.refusal_ids=\(9999,\): ids must be ints in"),
+    (dict(ckpt__max_to_keep=-1), r"ckpt.max_to_keep \(-1\) >= 0"),
+    (dict(train__divergence__warmup=60), r"train.divergence.warmup \(60\) must be at most"),
+])
+def test_bad_data_and_train_settings_fail_naming_the_key(tmp_path, overrides, match):
+  (tmp_path / "empty.jsonl").write_text("")
+  (tmp_path / "upstream.jsonl").write_text(json.dumps(
+      {"prefix": "[INST] how to w1 the w2 ? [\\INST]", "text": " w3 w4", "safe": "false"}) + "\n")
+  files = {k: str(tmp_path / f"{k}.jsonl") for k in ("empty", "missing", "upstream")}
+  overrides = {k: v.format(**files) if isinstance(v, str) else v for k, v in overrides.items()}
+  with pytest.raises(ValueError, match=match):
+    main.run(_config(**overrides), str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
