@@ -330,3 +330,53 @@ def test_bf16_tensor_values_survive_reading(hf_checkpoint):
   model = derta_jax.load_hf(path)
   np.testing.assert_array_equal(np.asarray(model.final_norm.scale[...]),
                                 values.astype(np.float32))
+
+
+
+# --- non-finite weights: named by file and tensor before any training step -------------
+
+
+def _plant(path, edits):
+  """Sets values in stored tensors ({name: {flat index: value}}) in whichever safetensors
+  file holds each; returns {name: file}."""
+  index = path / hf.INDEX_FILE
+  weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else {}
+  file_of = {name: weight_map.get(name, "model.safetensors") for name in edits}
+  for file in set(file_of.values()):
+    with safetensors.safe_open(path / file, "numpy") as f:
+      tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for name in (n for n, f in file_of.items() if f == file):
+      flat = tensors[name].reshape(-1)
+      flat[list(edits[name])] = list(edits[name].values())
+    safetensors.numpy.save_file(tensors, path / file, metadata={"format": "pt"})
+  return file_of
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one_device", "mesh_and_shards"])
+def test_nonfinite_weights_are_named(hf_checkpoint, sharded):
+  path, _ = hf_checkpoint(max_shard_size="20KB" if sharded else None)
+  file_of = _plant(path, {"model.layers.1.mlp.up_proj.weight": {0: np.nan, 5: np.inf, 9: np.nan},
+                          "model.norm.weight": {63: -np.inf}})
+  assert len(set(file_of.values())) == (2 if sharded else 1)
+  mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2) if sharded else None
+  with pytest.raises(hf.CheckpointError) as error:
+    derta_jax.load_hf(path, mesh=mesh)
+  assert str(error.value) == (
+      f"{path}: 2 tensor(s) hold NaN or Inf: model.layers.1.mlp.up_proj.weight in "
+      f"{file_of['model.layers.1.mlp.up_proj.weight']} (3 non-finite), model.norm.weight in "
+      f"{file_of['model.norm.weight']} (1 non-finite); re-download or re-export the checkpoint")
+
+
+def test_nonfinite_list_is_capped(hf_checkpoint):
+  path, _ = hf_checkpoint(num_hidden_layers=2)
+  with safetensors.safe_open(path / "model.safetensors", "numpy") as f:
+    names = list(f.keys())
+  assert len(names) == 21
+  _plant(path, {name: {0: np.nan} for name in names})
+  with pytest.raises(hf.CheckpointError) as error:
+    derta_jax.load_hf(path)
+  message = str(error.value)
+  assert message.startswith(f"{path}: 21 tensor(s) hold NaN or Inf: model.embed_tokens.weight "
+                            "in model.safetensors (1 non-finite), model.layers.0.input_layernorm")
+  assert message.count("(1 non-finite)") == 8
+  assert message.endswith("(1 non-finite) and 13 more; re-download or re-export the checkpoint")

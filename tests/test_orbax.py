@@ -218,3 +218,52 @@ def test_nnx_state_round_trip(tmp_path, tiny_params, fsdp_mesh):
   _assert_identical(restored, state, abstract)
   params = ckpt_lib.load_params(tmp_path / "checkpoints" / "1", abstract)
   _assert_identical(params, state, abstract)
+
+
+def _set(x, index, value):
+  """`x` with `x[index] = value`, kept on `x`'s sharding."""
+  return jax.device_put(x.at[index].set(value), x.sharding)
+
+
+def _poisoned(state):
+  """`state` with one NaN in the q projection and two Inf in the embedding's first moment."""
+  params = dict(state["params"], layers=dict(state["params"]["layers"]))
+  attn = params["layers"]["attn"] = dict(params["layers"]["attn"])
+  attn["q"] = _set(attn["q"], (1, 3, 0, 5), jnp.nan)
+  mu = dict(state["opt_state"]["mu"])
+  mu["embed"] = _set(mu["embed"], (np.array([0, 200]), np.array([1, 63])), jnp.inf)
+  return dict(state, params=params, opt_state=dict(state["opt_state"], mu=mu))
+
+
+def test_nonfinite_values_are_named(tmp_path, fsdp_params, fsdp_mesh):
+  state = _poisoned(_state(fsdp_params, 5))
+  abstract = _abstract(state, fsdp_mesh)
+  hint = "; the run had likely diverged before this save: use an earlier step"
+  with ckpt_lib.Checkpointer(tmp_path, every_steps=5) as ckpt:
+    assert ckpt.save(5, state, config=CONFIG)
+    with pytest.raises(ValueError) as error:
+      ckpt.restore(abstract)
+  step_dir = tmp_path / "checkpoints" / "5"
+  assert str(error.value) == (f"{step_dir / 'state'}: 2 tensor(s) hold NaN or Inf: "
+                              "opt_state/mu/embed (2 non-finite), params/layers/attn/q "
+                              f"(1 non-finite){hint}")
+  with pytest.raises(ValueError) as error:  # the optimizer state is not read
+    ckpt_lib.load_params(step_dir, abstract["params"])
+  assert str(error.value) == (f"{step_dir / 'state'}: 1 tensor(s) hold NaN or Inf: "
+                              f"params/layers/attn/q (1 non-finite){hint}")
+
+  with ocp.StandardCheckpointer() as writer:
+    writer.save((tmp_path / "params").absolute(), state["params"])
+  with pytest.raises(ValueError, match=r"params: 1 tensor\(s\) hold NaN or Inf: layers/attn/q "
+                                       r"\(1 non-finite\)"):
+    ckpt_lib.load_params(tmp_path / "params", abstract["params"])
+
+
+def test_nonfinite_nnx_leaf_is_named(tmp_path, tiny_params):
+  state = jax.tree.map(lambda x: x, tiny_params)  # new Variables: the fixture stays clean
+  state["final_norm"]["scale"][...] = tiny_params["final_norm"]["scale"][...].at[7].set(-jnp.inf)
+  with ocp.StandardCheckpointer() as writer:
+    writer.save((tmp_path / "params").absolute(), state)
+  with pytest.raises(ValueError, match=r"1 tensor\(s\) hold NaN or Inf: final_norm/scale/value "
+                                       r"\(1 non-finite\)"):
+    ckpt_lib.load_params(tmp_path / "params", state)

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from derta_jax import sharding as sharding_lib
+from derta_jax.checkpoints import finite
 from derta_jax.models import hf_config, llama
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -160,9 +161,6 @@ class _SafetensorsDir:
         raise CheckpointError(f"{index_path}: tensor {absent[0]} is listed in "
                               f"{weight_map[absent[0]]} but not stored there")
 
-  def where(self, name: str) -> str:
-    return self.file_of[name]
-
   def slice(self, name: str):
     return self.handles[self.file_of[name]].get_slice(name)
 
@@ -225,10 +223,10 @@ def _check_tensors(directory: Path, files: _SafetensorsDir, config: llama.LlamaC
     info = files.slice(name)
     got, dtype = tuple(info.get_shape()), info.get_dtype()
     if got != want:
-      raise CheckpointError(f"{directory / files.where(name)}: tensor {name} has shape {got}, "
+      raise CheckpointError(f"{directory / files.file_of[name]}: tensor {name} has shape {got}, "
                             f"expected {want} from config.json")
     if dtype not in _FLOAT_DTYPES:
-      raise CheckpointError(f"{directory / files.where(name)}: tensor {name} has dtype "
+      raise CheckpointError(f"{directory / files.file_of[name]}: tensor {name} has dtype "
                             f"{dtype}; expected one of {sorted(_FLOAT_DTYPES)}")
 
 
@@ -239,7 +237,7 @@ def _normalize(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice,
 def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = None,
             compute_dtype=None, rules=sharding_lib.DEFAULT_RULES,
             **config_overrides) -> llama.Llama:
-  """Load an HF LLaMA checkpoint directory into a `Llama`.
+  """Load an HF LLaMA checkpoint directory into a `Llama`; NaN or Inf weights are an error.
 
   Args:
     dtype: parameter (storage) dtype; also the compute dtype unless `compute_dtype` is set.
@@ -287,6 +285,11 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = N
         return cache[key]
 
       var.set_value(jax.make_array_from_callback(shape, sharding, block))
+  layers = {t.hf: [t.hf.format(i=i) for i in range(config.n_layers)] for t in tensors if t.stacked}
+  bad = finite.nonfinite_leaves({t.hf: variables[t.path][...] for t in tensors}, rows=layers)
+  if bad:
+    listed = finite.describe([(f"{name} in {files.file_of[name]}", n) for name, n in bad])
+    raise CheckpointError(f"{directory}: {listed}; re-download or re-export the checkpoint")
   return nnx.merge(graphdef, nnx.from_flat_state(variables))
 
 

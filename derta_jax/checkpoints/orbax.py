@@ -30,6 +30,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from derta_jax.checkpoints import finite
+
 STATE, CONFIG = "state", "config"
 _METADATA_FILE = "_METADATA"  # Orbax writes it into every finished pytree item directory
 
@@ -92,7 +94,7 @@ class Checkpointer:
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct` (or arrays) of the saved
     structure; leaves without a sharding go to the first local device, and a dtype that
-    differs from the stored one casts.
+    differs from the stored one casts. A float leaf holding NaN or Inf raises ValueError.
     """
     step = self._existing_step(step)
     abstract = _with_shardings(abstract_state)
@@ -103,6 +105,7 @@ class Checkpointer:
       restored = self._manager.restore(step, args=args)
     except ValueError as e:
       raise ValueError(f"{item_dir}: restore failed: {e}") from e
+    _check_finite(item_dir, restored[STATE])
     return restored[STATE], step
 
   def restore_config(self, step: int | None = None) -> dict:
@@ -185,7 +188,8 @@ def load_params(path: str | os.PathLike, abstract_params: Any) -> Any:
 
   `path` is a Checkpointer step directory (`<workdir>/checkpoints/<step>`) or a directory
   holding a StandardSave of a pytree. When the stored tree has a top-level "params" entry
-  (a train state) and `abstract_params` does not, only that subtree is read.
+  (a train state) and `abstract_params` does not, only that subtree is read. A leaf
+  holding NaN or Inf raises ValueError.
   """
   directory = _absolute(path)
   if not directory.exists():
@@ -217,6 +221,7 @@ def load_params(path: str | os.PathLike, abstract_params: Any) -> Any:
       restored = checkpointer.restore(item_dir, args=args)
     except ValueError as e:
       raise ValueError(f"{item_dir}: restore failed: {e}") from e
+  _check_finite(item_dir, restored)
   return restored["params"] if subtree else restored
 
 
@@ -253,11 +258,23 @@ def _key_name(key) -> str:
   return str(key)
 
 
-def _shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
   # Orbax stores attribute and sequence keys (nnx Variables' `.value`, optax NamedTuples)
   # as dict keys, so paths compare by name alone.
-  return {prefix + "/".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+  return {prefix + "/".join(_key_name(k) for k in path): leaf
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
+  return {k: tuple(getattr(leaf, "shape", ())) for k, leaf in _leaves(tree, prefix).items()}
+
+
+def _check_finite(item_dir: epath.Path, restored: Any) -> None:
+  """Raises ValueError naming every restored float leaf that holds NaN or Inf."""
+  bad = finite.nonfinite_leaves(_leaves(restored))
+  if bad:
+    raise ValueError(f"{item_dir}: {finite.describe(bad)}; the run had likely diverged "
+                     "before this save: use an earlier step")
 
 
 def _check_tree(item_dir: epath.Path, abstract: Any, stored: Any, prefix: str = "") -> None:

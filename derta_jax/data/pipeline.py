@@ -66,7 +66,8 @@ class Pipeline:
       examples = [examples[i] for i in order]
       stats = tokenize.EncodeStats(examples=len(examples))
       fitted, flags = zip(*(tokenize.cut_example(p, self.seq_len) for p in
-                            tokenize.tokenize_examples(examples, self.tokenizer, self._cache)))
+                            tokenize.tokenize_examples(examples, self.tokenizer, self._cache)),
+                          strict=True)
       for f in flags:
         stats.add(f)
       lengths = [1 + len(a) + len(b) + len(c) for a, b, c in fitted]

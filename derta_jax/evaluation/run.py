@@ -15,9 +15,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from etils import epath
-
 import ml_collections
+from etils import epath
 
 from derta_jax import config_build, data, resume
 from derta_jax.evaluation import evaluate, settings
