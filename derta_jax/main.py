@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -10,6 +11,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from derta_jax import lock
 from derta_jax.evaluation import run as eval_run
 from derta_jax.toyworld import run as toyworld_run
 from derta_jax.training import compile as aot
@@ -25,13 +27,19 @@ MODES = {
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  """Run config.mode in workdir; print its summary (the toy world: its table and files)."""
+  """Run config.mode in workdir; print its summary (the toy world: its table and files).
+
+  The run holds the workdir's lock (eval: that of <workdir>/eval, so a workdir can be
+  evaluated while it trains); a second run there fails at once naming the first.
+  """
   if config.mode not in MODES:
     raise ValueError(f"config.mode={config.mode!r}; choose one of {tuple(MODES)}")
+  locked = os.path.join(os.fspath(workdir), "eval") if config.mode == "eval" else workdir
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  Path(locked).mkdir(parents=True, exist_ok=True)
   logging.info("mode=%s workdir=%s devices=%s", config.mode, workdir, jax.devices())
-  summary = MODES[config.mode](config, workdir)
+  with lock.WorkdirLock(locked, mode=config.mode, enabled=jax.process_index() == 0):
+    summary = MODES[config.mode](config, workdir)
   if jax.process_index() == 0 and config.mode != "toyworld":  # the toy world prints its own
     print(json.dumps(summary, default=lambda x: np.asarray(x).tolist()))
   if config.mode == "compile" and not summary["fits"]:

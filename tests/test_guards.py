@@ -3,15 +3,18 @@ checks its config, truncation is reported and bounded, eval uses the training to
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from conftest import set_config
 
 from configs import toy_cpu
-from derta_jax import main
+from derta_jax import lock, main
 from derta_jax.data import synthetic
 from derta_jax.training import guard
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = dict(mode="train", optim__schedule="constant", optim__lr=3e-3, train__log_every=1,
             ckpt__every_steps=1, ckpt__max_to_keep=0, train__num_steps=4)
 
@@ -159,3 +162,20 @@ def test_bad_data_and_train_settings_fail_naming_the_key(tmp_path, overrides, ma
   with pytest.raises(ValueError, match=match):
     main.run(_config(**overrides), str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_a_second_run_in_a_busy_workdir_fails_at_once_naming_the_first(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from derta_jax import lock\n"
+       f"with lock.WorkdirLock({str(tmp_path)!r}, mode='train'):\n"
+       "  print('held', flush=True); time.sleep(60)"],
+      cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(lock.WorkdirBusy, match=rf"{tmp_path}: in use by pid {holder.pid} "):
+      main.run(_config(), str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [".lock"]
+  finally:
+    holder.kill()
+    holder.wait()
+  main.run(_config(train__num_steps=1), str(tmp_path))  # the dead holder's lock is taken over
