@@ -85,15 +85,18 @@ def _pid_state(holder: dict) -> str:
 
 
 class WorkdirLock:
-  """Context manager holding `<workdir>/.lock` (the workdir exists); WorkdirBusy if held.
-  `mode` is recorded for whoever finds the workdir busy; `enabled=False` is a no-op."""
+  """Context manager holding `<workdir>/<name>` (the workdir exists); WorkdirBusy if held.
+  `mode` is recorded for whoever finds the workdir busy; `enabled=False` is a no-op. Runs
+  that may share a workdir (training, and evaluation of its checkpoints) take locks of
+  different names."""
 
-  def __init__(self, workdir: str | os.PathLike, *, mode: str, enabled: bool = True):
+  def __init__(self, workdir: str | os.PathLike, *, mode: str, enabled: bool = True,
+               name: str = LOCK_NAME):
     self.workdir = str(workdir)
     self.mode = mode
     self.enabled = enabled
     self.remote = "://" in self.workdir
-    self.path = None if self.remote else Path(self.workdir) / LOCK_NAME
+    self.path = None if self.remote else Path(self.workdir) / name
     self._fd: int | None = None
 
   @property

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -29,16 +28,18 @@ MODES = {
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Run config.mode in workdir; print its summary (the toy world: its table and files).
 
-  The run holds the workdir's lock (eval: that of <workdir>/eval, so a workdir can be
-  evaluated while it trains); a second run there fails at once naming the first.
+  The run holds the workdir's lock (eval its own, so a workdir can be evaluated while it
+  trains); a second run of the kind fails at once naming the first.
   """
   if config.mode not in MODES:
     raise ValueError(f"config.mode={config.mode!r}; choose one of {tuple(MODES)}")
-  locked = os.path.join(os.fspath(workdir), "eval") if config.mode == "eval" else workdir
+  name = ".eval.lock" if config.mode == "eval" else lock.LOCK_NAME
+  held = lock.WorkdirLock(workdir, mode=config.mode, enabled=jax.process_index() == 0,
+                          name=name)
   workdir = Path(workdir)
-  Path(locked).mkdir(parents=True, exist_ok=True)
+  workdir.mkdir(parents=True, exist_ok=True)
   logging.info("mode=%s workdir=%s devices=%s", config.mode, workdir, jax.devices())
-  with lock.WorkdirLock(locked, mode=config.mode, enabled=jax.process_index() == 0):
+  with held:
     summary = MODES[config.mode](config, workdir)
   if jax.process_index() == 0 and config.mode != "toyworld":  # the toy world prints its own
     print(json.dumps(summary, default=lambda x: np.asarray(x).tolist()))
