@@ -143,6 +143,122 @@ def test_skip_without_errors_logs_nothing(tmp_path, monkeypatch):
   assert formats.load_helpful(path, on_error="skip").skipped == []
 
 
+WHITESPACE_LINES = [
+    ("upstream", '{"prefix": "p", "text": "   ", "safe": "true"}', "text"),
+    ("triples", '{"instruction": "i", "output": " \\t ", "safe_response": "s"}', "output"),
+    ("helpful", '{"instruction": "\\n", "output": "o"}', "instruction"),
+    ("eval", '{"question": "q", "answer": "\\u3000"}', "answer"),
+]
+
+
+@pytest.mark.parametrize("fmt,bad,field", WHITESPACE_LINES)
+def test_whitespace_only_field_is_refused(tmp_path, fmt, bad, field):
+  write, load, _, records = FORMATS[fmt]
+  path = tmp_path / "data.jsonl"
+  write(records[:1], path)
+  path.write_bytes(path.read_bytes() + bad.encode() + b"\n")
+  expected = f'{path}:2: field "{field}": whitespace-only string'
+  with pytest.raises(DataError, match="^" + re.escape(expected) + "$"):
+    load(path)
+  array = tmp_path / "data.json"
+  array.write_text("[\n" + ",\n".join(path.read_text().splitlines()) + "\n]\n")
+  expected = f'{array}:3 (element 2): field "{field}": whitespace-only string'
+  with pytest.raises(DataError, match="^" + re.escape(expected) + "$"):
+    load(array)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_json_array_loads_like_jsonl(tmp_path, fmt):
+  write, load, iterate, records = FORMATS[fmt]
+  jsonl = tmp_path / "data.jsonl"
+  write(records, jsonl)
+  objs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+  array = tmp_path / "data.json"
+  array.write_text("\n  " + json.dumps(objs, indent=2) + "\n")
+  loaded = load(array)
+  assert loaded == records and loaded.skipped == []
+  assert list(iterate(array)) == records
+
+
+def test_empty_json_array_loads_nothing(tmp_path):
+  path = write_lines(tmp_path / "e.json", " [", " ]")
+  assert formats.load_eval(path) == []
+
+
+ARRAY_ERRORS = [
+    ('[\n  {"instruction": "i", "output": "o"},\n  {\n    "instruction": "j"\n  }\n]\n',
+     '3 (element 2): missing field "output"'),
+    ('[{"instruction": "i", "output": "o"},\n\n {"instruction": "", "output": "o"}]',
+     '3 (element 2): field "instruction": empty string'),
+    ('[\n  {"instruction": "i", "output": "o"},\n  "j"\n]',
+     "3 (element 2): expected a JSON object, got string; the format is one JSON object a line"
+     " (JSONL) or a JSON array of objects"),
+    ('[\n  {"instruction": "i", "output": "o"},\n  {"instruction": j}\n]',
+     "3: bad JSON at column 19: Expecting value"),
+    ('[{"instruction": "i", "output": "o"}]\n[{"instruction": "j", "output": "p"}]',
+     "2: bad JSON at column 1: Extra data"),
+]
+
+
+@pytest.mark.parametrize("text,error", ARRAY_ERRORS)
+def test_json_array_errors_name_file_line_element_and_field(tmp_path, text, error):
+  path = tmp_path / "data.json"
+  path.write_text(text)
+  with pytest.raises(DataError, match="^" + re.escape(f"{path}:{error}")):
+    formats.load_helpful(path)
+
+
+def test_json_array_skip_counts_bad_elements(tmp_path, monkeypatch):
+  path = tmp_path / "h.json"
+  path.write_text('[\n  {"instruction": "i", "output": "o"},\n  {"instruction": "i"},\n'
+                  '  [1],\n  {"instruction": "j", "output": "p"}\n]\n')
+  warnings = []
+  monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
+  loaded = formats.load_helpful(path, on_error="skip")
+  assert loaded == [Helpful("i", "o"), Helpful("j", "p")]
+  assert loaded.skipped == [f'{path}:3 (element 2): missing field "output"',
+                            f"{path}:4 (element 3): expected a JSON object, got array; "
+                            f"{formats._FORMAT}"]
+  assert len(warnings) == 1 and "2 bad element" in warnings[0]
+  # Past bad JSON no element can be found, so skipping does not hide it.
+  path.write_text('[{"instruction": "i", "output": "o"}, {"instruction": i}]')
+  with pytest.raises(DataError, match="bad JSON at column 55"):
+    formats.load_helpful(path, on_error="skip")
+
+
+@pytest.mark.parametrize("text", [
+    '{\n  "instruction": "i",\n  "output": "o",\n  "safe_response": "s"\n}\n',
+    '{"instruction": "i",\n "output": "o", "safe_response": "s"}\n',
+])
+def test_pretty_printed_object_says_what_the_format_is(tmp_path, text):
+  path = tmp_path / "t.json"
+  path.write_text(text * 2)
+  with pytest.raises(DataError, match="^" + re.escape(f"{path}:1: the line ends inside a JSON "
+                                                      "object")) as info:
+    formats.load_triples(path)
+  assert "looks like one JSON object spread over several lines" in str(info.value)
+  assert str(info.value).endswith(formats._FORMAT)
+  with pytest.raises(DataError, match="spread over several lines"):
+    next(formats.iter_triples(path))
+
+
+@pytest.mark.parametrize("text,got", [('"just text"\n', "string"), ("42\n", "number")])
+def test_top_level_value_that_is_not_an_object(tmp_path, text, got):
+  path = tmp_path / "e.json"
+  path.write_text(text)
+  expected = f"{path}:1: expected a JSON object, got {got}; {formats._FORMAT}"
+  with pytest.raises(DataError, match="^" + re.escape(expected) + "$"):
+    formats.load_eval(path)
+
+
+def test_json_array_that_is_not_utf8_names_file_and_line(tmp_path):
+  path = tmp_path / "e.json"
+  path.write_bytes(b'[\n  {"question": "q"},\n  {"question": "caf\xe9"}\n]\n')
+  for on_error in formats.ON_ERROR:
+    with pytest.raises(DataError, match="^" + re.escape(f"{path}:3: not UTF-8 (byte 20 ")):
+      formats.load_eval(path, on_error=on_error)
+
+
 def test_bad_on_error_value(tmp_path):
   with pytest.raises(ValueError, match="'ignore'"):
     formats.iter_eval(tmp_path / "missing.jsonl", on_error="ignore")

@@ -381,7 +381,11 @@ def test_bad_files_fail_before_anything_is_written(tmp_path, model, tok, toy_fil
       dict(instruction="a", output="b", safe_response="c"), dict(instruction="a")])
   bad_mmlu = _write(tmp_path / "mmlu.jsonl", [{"question": "q", "answer": "(E)"}])
   no_answer = _write(tmp_path / "noanswer.jsonl", [{"question": "q"}])
+  array = tmp_path / "gsm8k_array.json"  # the authors' other files are indented JSON arrays
+  array.write_text(json.dumps([{"question": "q", "answer": "#### 3"},
+                               {"question": "q", "answer": "none"}], indent=2))
   cases = [
+      (dict(gsm8k=array), f'{array}:6 (element 2): field "answer": no number'),
       (dict(gsm8k=bad_gsm8k), f'{bad_gsm8k}:3: field "answer": no number'),
       (dict(prefilling=bad_triples), f'{bad_triples}:2: missing field "output"'),
       (dict(mmlu=bad_mmlu), f'{bad_mmlu}:1: field "answer": expected a letter A-D'),

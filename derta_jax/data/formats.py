@@ -6,16 +6,22 @@
   helpful   {"instruction": str, "output": str}  -> Helpful
   eval      {"question": str[, "answer": str]}  -> EvalItem
 
-Extra keys are ignored and whitespace-only lines are skipped. Any other bad line raises
-DataError naming the file, the 1-based line and the field, or with on_error="skip" is left
-out and counted. Writers emit `json.dumps(obj) + "\\n"` like the authors' scripts, so an
-upstream file read and written back is byte-identical. Paths are local or gs:// (etils.epath).
+The readers also take a file that is one JSON array of such objects (its first non-blank
+byte is "["), read whole. Extra keys are ignored and whitespace-only lines are skipped; a
+field that is empty or whitespace-only is refused. Any other bad line or array element
+raises DataError naming the file, the 1-based line (where the element starts) and the field,
+or with on_error="skip" is left out and counted; an array file that is not UTF-8 or not
+valid JSON always raises, since no element after the fault can be found. Writers emit
+`json.dumps(obj) + "\\n"` like the authors' scripts, so a JSONL file read and written back is
+byte-identical. Paths are local or gs:// (etils.epath).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -29,16 +35,23 @@ PathLike = str | os.PathLike
 ON_ERROR = ("raise", "skip")
 # JSON's own whitespace; anything else on a line is reported, not silently dropped.
 _BLANK = " \t\r\n"
+_BLANK_BYTES = _BLANK.encode()
+# What lies between two elements of a valid JSON array, or before its first.
+_BETWEEN = re.compile(r"[ \t\r\n]*,?[ \t\r\n]*")
+_FORMAT = "the format is one JSON object a line (JSONL) or a JSON array of objects"
 _JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number",
                str: "string", list: "array", dict: "object"}
 
 
 class Loaded(list):
-  """The records of a file; `skipped` holds the messages of the bad lines left out."""
+  """The records of a file; `where` says where each is ("file:line", with " (element n)" in
+  an array file); `skipped` holds the messages of the bad lines (or elements) left out."""
 
-  def __init__(self, records: Iterable[Any] = (), skipped: Iterable[str] = ()):
+  def __init__(self, records: Iterable[Any] = (), skipped: Iterable[str] = (),
+               where: Iterable[str] = ()):
     super().__init__(records)
     self.skipped = list(skipped)
+    self.where = list(where)
 
 
 def _json_type(value: Any) -> str:
@@ -62,6 +75,8 @@ def _text(obj: dict, key: str, where: str) -> str:
     raise DataError(f'{where}: field "{key}": expected a string, got {_json_type(value)}')
   if not value:
     raise DataError(f'{where}: field "{key}": empty string')
+  if value.isspace():
+    raise DataError(f'{where}: field "{key}": whitespace-only string')
   return value
 
 
@@ -89,6 +104,20 @@ def _parse_eval(obj: dict, where: str) -> EvalItem:
   return EvalItem(question=question, answer=answer)
 
 
+def _parse_value(obj: Any, where: str, parse: Callable[[dict, str], Any]) -> Any:
+  if not isinstance(obj, dict):
+    raise DataError(f"{where}: expected a JSON object, got {_json_type(obj)}; {_FORMAT}")
+  return parse(obj, where)
+
+
+def _bad_json(line: str, e: json.JSONDecodeError, where: str) -> DataError:
+  # An object cut off by the end of its line is most likely a pretty-printed file.
+  if line.lstrip(_BLANK).startswith("{") and e.pos >= len(line.rstrip(_BLANK)):
+    return DataError(f"{where}: the line ends inside a JSON object ({e.msg}); the file looks "
+                     f"like one JSON object spread over several lines, but {_FORMAT}")
+  return DataError(f"{where}: bad JSON at column {e.colno}: {e.msg}")
+
+
 def _parse_line(raw: bytes, where: str, parse: Callable[[dict, str], Any]) -> Any:
   """The record on one line, or None for a blank line."""
   try:
@@ -101,40 +130,86 @@ def _parse_line(raw: bytes, where: str, parse: Callable[[dict, str], Any]) -> An
   try:
     obj = json.loads(line)
   except json.JSONDecodeError as e:
-    raise DataError(f"{where}: bad JSON at column {e.colno}: {e.msg}") from None
-  if not isinstance(obj, dict):
-    raise DataError(f"{where}: expected a JSON object, got {_json_type(obj)}")
-  return parse(obj, where)
+    raise _bad_json(line, e, where) from None
+  return _parse_value(obj, where, parse)
+
+
+def _array(data: bytes, name: str) -> Iterator[tuple[int, Any]]:
+  """(line, value) for each element of a JSON array file, the line being where it starts."""
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    lineno = data.count(b"\n", 0, e.start) + 1
+    byte = e.start - data.rfind(b"\n", 0, e.start)
+    raise DataError(f"{name}:{lineno}: not UTF-8 (byte {byte} of the line: {e.reason})") from None
+  try:
+    values = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{name}:{e.lineno}: bad JSON at column {e.colno}: {e.msg}") from None
+  # The text is valid JSON, so decoding element by element finds where each one starts.
+  decoder = json.JSONDecoder()
+  pos = text.index("[") + 1
+  lineno, counted = 1, 0
+  for value in values:
+    pos = _BETWEEN.match(text, pos).end()
+    lineno += text.count("\n", counted, pos)
+    counted = pos
+    _, pos = decoder.raw_decode(text, pos)
+    yield lineno, value
+
+
+def _head(f) -> list[bytes]:
+  """The leading blank lines of a file and its first other line."""
+  head = []
+  for raw in f:
+    head.append(raw)
+    if raw.strip(_BLANK_BYTES):
+      break
+  return head
 
 
 def _records(path: PathLike, parse, on_error: str, skipped: list[str]) -> Iterator[Any]:
+  """(where, record) of each good line or array element."""
   name = os.fspath(path)
   with epath.Path(path).open("rb") as f:
-    for lineno, raw in enumerate(f, start=1):
+    head = _head(f)
+    is_array = b"".join(head).lstrip(_BLANK_BYTES).startswith(b"[")
+    if is_array:
+      elements = enumerate(_array(b"".join(head) + f.read(), name), start=1)
+      steps = ((_parse_value, value, f"{name}:{lineno} (element {i})")
+               for i, (lineno, value) in elements)
+    else:
+      lines = enumerate(itertools.chain(head, f), start=1)
+      steps = ((_parse_line, raw, f"{name}:{lineno}") for lineno, raw in lines)
+    for step, arg, where in steps:
       try:
-        record = _parse_line(raw, f"{name}:{lineno}", parse)
+        record = step(arg, where, parse)
       except DataError as e:
         if on_error == "raise":
           raise
         skipped.append(str(e))
         continue
       if record is not None:
-        yield record
+        yield where, record
   if skipped:
-    logging.warning("%s: skipped %d bad line(s); the first: %s", name, len(skipped), skipped[0])
+    logging.warning("%s: skipped %d bad %s(s); the first: %s", name, len(skipped),
+                    "element" if is_array else "line", skipped[0])
 
 
 def _iter(path: PathLike, parse, on_error: str, skipped: list[str] | None = None):
   # Checked here rather than inside the generator, so a bad value fails at the call.
   if on_error not in ON_ERROR:
     raise ValueError(f"on_error={on_error!r}; choose one of {ON_ERROR}")
-  return _records(path, parse, on_error, [] if skipped is None else skipped)
+  return (record for _, record in _records(path, parse, on_error,
+                                            [] if skipped is None else skipped))
 
 
 def _load(path: PathLike, parse, on_error: str) -> Loaded:
+  if on_error not in ON_ERROR:
+    raise ValueError(f"on_error={on_error!r}; choose one of {ON_ERROR}")
   skipped = []
-  records = list(_iter(path, parse, on_error, skipped))
-  return Loaded(records, skipped)
+  located = list(_records(path, parse, on_error, skipped))
+  return Loaded([r for _, r in located], skipped, [w for w, _ in located])
 
 
 def iter_upstream(path: PathLike, *, on_error: str = "raise") -> Iterator[Example]:

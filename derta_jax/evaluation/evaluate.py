@@ -49,15 +49,9 @@ FIRST_TOKENS = 5  # refusal_position reports the share of refusals starting befo
 # ---------------------------------------------------------------------------- data
 
 
-def _record_lines(path) -> list[int]:
-  """1-based numbers of a JSONL file's record lines (the non-blank ones, as formats reads)."""
-  with epath.Path(path).open("rb") as f:
-    return [n for n, raw in enumerate(f, 1) if raw.decode("utf-8", "replace").strip(" \t\r\n")]
-
-
-def _check_answers(name: str, path, items) -> None:
-  for item, line in zip(items, _record_lines(path), strict=True):
-    where = f'{os.fspath(path)}:{line}: field "answer"'
+def _check_answers(name: str, items: formats.Loaded) -> None:
+  for item, at in zip(items, items.where, strict=True):
+    where = f'{at}: field "answer"'
     if item.answer is None:
       raise DataError(f"{where}: missing (the {name} suite scores against it)")
     if name == "gsm8k" and text.last_number(item.answer) is None:
@@ -87,7 +81,7 @@ def load_suites(paths: Mapping[str, str | os.PathLike], *, limit: int = 0) -> di
     if not records:
       raise DataError(f"{os.fspath(path)}: no records for the {name} suite")
     if SUITES[name].answers:
-      _check_answers(name, path, records)
+      _check_answers(name, records)
     loaded[name] = list(records)[:limit or None]
   return loaded
 
