@@ -10,7 +10,7 @@ import pytest
 from conftest import set_config
 
 from configs import toy_cpu
-from derta_jax import lock, main
+from derta_jax import data, lock, main
 from derta_jax.data import synthetic
 from derta_jax.training import guard
 
@@ -131,6 +131,9 @@ def test_eval_decodes_with_the_tokenizer_and_template_the_checkpoint_was_trained
   questions.write_text(json.dumps({"question": "how to w1 the w2 ?"}) + "\n")
   summary = main.run(_eval_config(eval__harmful_path=str(questions)), workdir)
   assert summary["tokenizer"] == trained_tok and summary["template"] == "llama2_chat"
+  # The export carries the tokenizer, so <workdir>/hf evaluates on its own.
+  exported = data.load_tokenizer(workdir / "hf")
+  assert exported.fingerprint() == data.load_tokenizer(trained_tok).fingerprint()
   other = synthetic.write_tokenizer(tmp_path / "other_tok")
   with pytest.raises(ValueError, match=r"eval: the tokenizer .*other_tok .* is not the one this "
                      r"checkpoint was trained with \(.*trained_tok"):

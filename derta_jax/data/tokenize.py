@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 
 import numpy as np
@@ -58,6 +59,10 @@ class Tokenizer:
     """token -> id, special tokens included."""
     raise NotImplementedError
 
+  def save(self, directory: str | os.PathLike) -> None:
+    """Writes the tokenizer's files into `directory` (e.g. next to an exported model)."""
+    raise NotImplementedError
+
   def fingerprint(self) -> str:
     """sha256 of the vocabulary: equal for tokenizers that map text to the same ids."""
     items = sorted(self.vocabulary().items(), key=lambda kv: (kv[1], kv[0]))
@@ -88,7 +93,7 @@ class TiktokenTokenizer(Tokenizer):
     special = list(LLAMA3_SPECIAL) + [f"<|reserved_special_token_{i}|>" for i in
                                       range(2, LLAMA3_NUM_SPECIAL - len(LLAMA3_SPECIAL) + 2)]
     self.special = {name: len(ranks) + i for i, name in enumerate(special)}
-    self._ranks = ranks
+    self._ranks, self.path = ranks, os.fspath(path)
     self._enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=LLAMA3_PATTERN,
                                   mergeable_ranks=ranks, special_tokens=self.special)
     self.bos_id = self.special["<|begin_of_text|>"]
@@ -108,6 +113,9 @@ class TiktokenTokenizer(Tokenizer):
   def vocabulary(self):
     ranks = {base64.b64encode(t).decode("ascii"): r for t, r in self._ranks.items()}
     return {**ranks, **self.special}
+
+  def save(self, directory):
+    shutil.copyfile(self.path, os.path.join(directory, "tokenizer.model"))
 
 
 class HFTokenizer(Tokenizer):
@@ -137,6 +145,9 @@ class HFTokenizer(Tokenizer):
 
   def vocabulary(self):
     return dict(self._tok.get_vocab())
+
+  def save(self, directory):
+    self._tok.save_pretrained(os.fspath(directory))
 
   @property
   def unk_id(self):

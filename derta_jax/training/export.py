@@ -15,8 +15,9 @@ from derta_jax.checkpoints import hf, peft
 from derta_jax.models import llama, lora
 
 
-def write(model: llama.Llama, config, workdir: Path) -> dict:
-  """<workdir>/hf; with LoRA the merged weights there and the adapters in <workdir>/peft."""
+def write(model: llama.Llama, config, workdir: Path, tokenizer=None) -> dict:
+  """<workdir>/hf (with `tokenizer`'s files: the directory loads and evaluates on its own);
+  with LoRA the merged weights there and the adapters in <workdir>/peft."""
   dtype = config.export.dtype or None
   out = {}
   if model.config.lora is not None:
@@ -25,6 +26,8 @@ def write(model: llama.Llama, config, workdir: Path) -> dict:
     model = lora.merge(model, dtype)
   hf.save_hf(model, workdir / "hf", dtype=dtype,
              max_shard_bytes=int(config.export.max_shard_mb * 2**20))
+  if tokenizer is not None:
+    tokenizer.save(workdir / "hf")
   return dict(out, hf_dir=str(workdir / "hf"))
 
 

@@ -243,5 +243,6 @@ def run(config, workdir: Path) -> dict:
                  resumed_from=start, data=r.cuts)
   if summary["steps"] == r.num_steps:
     frozen = () if r.base is None else (r.base,)
-    summary.update(export.write(nnx.merge(graphdef, state["params"], *frozen), config, workdir))
+    summary.update(export.write(nnx.merge(graphdef, state["params"], *frozen), config, workdir,
+                                r.pipe.tokenizer))
   return summary
