@@ -15,7 +15,7 @@ import os
 import tempfile
 
 from model_forward import median_seconds  # bench/ is on sys.path when run as a script
-from train_step import REFUSAL_ID, _hf_model, _our_batch, _rows
+from train_step import REFUSAL_ID, _hf_model, _our_batch, _rows, add_model_args
 
 import derta_jax
 from derta_jax import losses, optim
@@ -46,10 +46,7 @@ def _steps(path, batch):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--seq-len", type=int, default=512)
-  parser.add_argument("--batch", type=int, default=4)
+  add_model_args(parser)
   parser.add_argument("--every-steps", type=int, default=200)
   args = parser.parse_args()
   model = _hf_model(args.layers, args.seq_len)

@@ -135,12 +135,17 @@ def _theirs(model, batch):
   return run
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+  """The model and batch flags of the train-step benchmarks."""
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--seq-len", type=int, default=512)
   parser.add_argument("--batch", type=int, default=4)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_model_args(parser)
   args = parser.parse_args()
   if args.seq_len < 128:
     parser.error(f"--seq-len={args.seq_len} must be >= 128 to hold a prompt and a response")

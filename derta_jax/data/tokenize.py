@@ -45,6 +45,7 @@ class Tokenizer:
   eos_id: int
   pad_id: int
   vocab_size: int
+  path: str  # where it was read from
 
   def encode(self, text: str) -> list[int]:
     raise NotImplementedError
@@ -124,7 +125,8 @@ class HFTokenizer(Tokenizer):
   def __init__(self, path: str | os.PathLike):
     from transformers import AutoTokenizer
 
-    self._tok = AutoTokenizer.from_pretrained(os.fspath(path))
+    self.path = os.fspath(path)
+    self._tok = AutoTokenizer.from_pretrained(self.path)
     if self._tok.bos_token_id is None or self._tok.eos_token_id is None:
       raise DataError(f"{path}: the tokenizer defines no BOS or EOS token (bos_token, "
                       f"eos_token in tokenizer_config.json)")

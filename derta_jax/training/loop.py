@@ -76,16 +76,16 @@ def _check_resume(config, ckpt: orbax.Checkpointer) -> dict | None:
 
 
 def _data(config, workdir: Path, stored: dict | None, vocab_size: int):
-  """(pipeline, tokenizer record) of the config's data, checked against a resumed run's."""
+  """(pipeline, refusal ids, tokenizer record) of the config's data, checked against a
+  resumed run's."""
   t = config.train
   tokenizer, recipe, refusal = config_build.training_data(config, workdir)
-  tok_path = config_build.tokenizer_path(config, workdir)
-  config_build.check_vocab(tokenizer, vocab_size, tok_path)
+  config_build.check_vocab(tokenizer, vocab_size, tokenizer.path)
   if stored is not None:
-    resume.check_tokenizer(stored, tokenizer, tok_path, where=f"resuming {workdir}")
+    resume.check_tokenizer(stored, tokenizer, tokenizer.path, where=f"resuming {workdir}")
   pipe = pipeline.Pipeline(recipe, tokenizer, seq_len=t.seq_len, global_batch=t.global_batch,
                            seed=config.seed, refusal_ids=refusal, pack=config.data.pack)
-  return pipe, refusal, resume.tokenizer_record(tokenizer, tok_path)
+  return pipe, refusal, resume.tokenizer_record(tokenizer, tokenizer.path)
 
 
 def setup(config, workdir: Path) -> Setup:
@@ -140,6 +140,10 @@ def restore_or_init(config, run: Setup):
   return graphdef, state, shardings, 0
 
 
+def _on_host(metrics_dev) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics_dev).items()}
+
+
 class MetricsReader:
   """Brings a step's metrics to the host, adds tokens/s, asks the guard, logs; a step the
   guard rejects stops the run (guard.DivergenceError) naming the last good checkpoint."""
@@ -151,7 +155,7 @@ class MetricsReader:
     self._clock = time.perf_counter()
 
   def read(self, step_done: int, metrics_dev, tokens: int, cuts: dict) -> dict[str, float]:
-    values = {k: float(v) for k, v in jax.device_get(metrics_dev).items()}
+    values = _on_host(metrics_dev)
     now = time.perf_counter()
     values["tokens_per_s"] = tokens / max(now - self._clock, 1e-9)
     self._clock = now
@@ -163,7 +167,7 @@ class MetricsReader:
 
   def check_before_save(self, step_saved: int, metrics_dev) -> None:
     """Stops unless the check step's metrics of the state of `step_saved` pass the guard."""
-    values = {k: float(v) for k, v in jax.device_get(metrics_dev).items()}
+    values = _on_host(metrics_dev)
     self._stop_if_bad(step_saved + 1, values, f" (the loss of the params of step {step_saved}, "
                       "checked before saving them; not saved)")
 
@@ -185,9 +189,10 @@ def train_steps(config, run: Setup, step_fn, check_fn, state, start: int,
                 reader: MetricsReader):
   """Steps start..num_steps (or until a stop signal); (state, the last metrics read)."""
   frozen = () if run.base is None else (run.base,)
-  pending, last = None, {}
+  pending, last, ahead = None, {}, None
   for i in range(start, run.num_steps):
-    local = run.pipe.batch(i)
+    local = run.pipe.batch(i) if ahead is None else ahead  # the check's batch is this one
+    ahead = None
     tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
     state, metrics_dev = step_fn(state, sharding.global_batch(local, run.mesh), *frozen)
     if pending is not None:  # the previous step's metrics, read while this one runs
@@ -197,8 +202,9 @@ def train_steps(config, run: Setup, step_fn, check_fn, state, start: int,
     if stop or (i + 1) % config.ckpt.every_steps == 0 or i + 1 == run.num_steps:
       last, pending = reader.read(*pending), None
       # The state's own loss is the next step's: checked on that batch before it is saved.
-      reader.check_before_save(i + 1, check_fn(
-          state, sharding.global_batch(run.pipe.batch(i + 1), run.mesh), *frozen))
+      ahead = run.pipe.batch(i + 1)
+      reader.check_before_save(i + 1, check_fn(state, sharding.global_batch(ahead, run.mesh),
+                                               *frozen))
       run.ckpt.save(i + 1, state, config=run.saved_config, force=True)
     if stop:
       logging.warning("stop requested: saved step %d", i + 1)
