@@ -244,6 +244,11 @@ def _eval() -> ml_collections.ConfigDict:
   c.harmful_path = ""
   # Questions fed raw, without a template (the authors' completion attack) -> ASR.
   c.completion_attack_path = ""
+  # The authors' other attack files (data/test/safety_*.json), each like harmful_path -> ASR.
+  c.codeattack_path = ""
+  c.jailbreakchat_path = ""
+  c.selfcipher_path = ""
+  c.illegal_instructions_path = ""
   # Triples {"instruction","output","safe_response"}: first k tokens of the harmful output
   # prefilled, the continuation judged -> ASR per k.
   c.prefilling_path = ""
@@ -252,7 +257,8 @@ def _eval() -> ml_collections.ConfigDict:
   c.refusal_position_path = ""
   # Triples: teacher-forced P(refusal token) at every position of the harmful output.
   c.refusal_probe_path = ""
-  # Benign questions -> share refused.
+  # Prompts that look unsafe, {"question", "type", "safe"} (the shipped set:
+  # derta_jax/evaluation/data/over_refusal.jsonl) -> XSTest's classes per type, refusal rates.
   c.over_refusal_path = ""
   # GSM8K {"question","answer"} (answer ends "#### 42") -> accuracy on the last number.
   c.gsm8k_path = ""
@@ -263,8 +269,17 @@ def _eval() -> ml_collections.ConfigDict:
   # Prompt template of derta_jax.data.templates.TEMPLATES; "" = the training template's
   # generation form (data.template "upstream" -> "upstream_eval", the authors' eval prompt).
   c.template = ""
-  # Refusal judge: "strict", "gcg", "qi" (keyword lists) or "model:<HF checkpoint dir>".
-  c.judge = "strict"
+  # "paper": every suite of the paper's evaluation from the authors' files under
+  # upstream_dir/data/test/ (codeattack, jailbreakchat, selfcipher, completion_attack,
+  # illegal_instructions, gsm8k, mmlu, alpaca) plus the shipped over-refusal set; a *_path
+  # set explicitly wins. "" = only the *_path keys.
+  c.preset = ""
+  # A clone of the authors' repository (RobustNLP/DeRTa), for preset "paper".
+  c.upstream_dir = ""
+  # Judge: "harm" (does the response give the harmful content; rule-based, offline),
+  # "strict", "gcg", "qi", "arditi" (refusal keyword lists), "model:<HF checkpoint dir>",
+  # "llama_guard_3:<dir>" or "harmbench:<dir>" (guard classifiers in their prompt formats).
+  c.judge = "harm"
   # Longest generation, in tokens.
   c.max_new_tokens = 256
   # Prompts per generation batch (and rows per refusal-probe forward pass).

@@ -35,6 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.n_rto = 40
   config.data.n_prefix = 40
   # The toy's responses are a few words long.
+  # The toy's responses are made-up words: a refusal phrase or none is all there is to read.
+  config.eval.judge = "strict"
   config.eval.max_new_tokens = 40
   config.eval.batch_size = 64
   config.eval.prefill_ks = "0,2,5,10,15,20"

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from derta_jax.data.synthetic import write_tokenizer
 from derta_jax.data.tokenize import load_tokenizer
-from derta_jax.evaluation import judges
+from derta_jax.evaluation import harm, judges
 
 TEMPLATE = "[INST] {prompt} [INST] {response} ] , w0 ?"
 UNSAFE, SAFE = "first w7", "Sorry"  # 2 tokens vs 1, so verdict masks differ in length
@@ -236,8 +236,9 @@ def test_make_judge(checkpoint, probs):
                              atol=1e-6)
   with pytest.raises(ValueError, match="no HF tokenizer with a chat template"):
     judges.make_judge(f"model:{path}")  # the synthetic tokenizer has no chat template
-  with pytest.raises(ValueError, match=r"unknown judge spec 'model:'; choose one of "
-                                       r"\['arditi', 'gcg', 'qi', 'strict'\] or 'model:<HF"):
+  with pytest.raises(ValueError, match=r"'model:' is unknown; choose one of \['harm', "
+                                       r"'arditi', 'gcg', 'qi', 'strict', 'model:<HF"):
     judges.make_judge("model:")
+  assert isinstance(judges.make_judge("harm"), harm.HarmJudge)
   with pytest.raises(ValueError, match="takes no options"):
     judges.make_judge("gcg", batch_size=2)

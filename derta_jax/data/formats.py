@@ -4,7 +4,7 @@
             ("true" marks an RTO row, "false" an MLE row; the authors' training format)
   triples   {"instruction": str, "output": str, "safe_response": str}  -> Triple
   helpful   {"instruction": str, "output": str}  -> Helpful
-  eval      {"question": str[, "answer": str]}  -> EvalItem
+  eval      {"question": str[, "answer": str][, "type": str, "safe": bool]}  -> EvalItem
 
 The readers also take a file that is one JSON array of such objects (its first non-blank
 byte is "["), read whole. Extra keys are ignored and whitespace-only lines are skipped; a
@@ -101,7 +101,11 @@ def _parse_helpful(obj: dict, where: str) -> Helpful:
 def _parse_eval(obj: dict, where: str) -> EvalItem:
   question = _text(obj, "question", where)
   answer = _text(obj, "answer", where) if "answer" in obj else None
-  return EvalItem(question=question, answer=answer)
+  kind = _text(obj, "type", where) if "type" in obj else None
+  safe = obj.get("safe")
+  if safe is not None and not isinstance(safe, bool):
+    raise DataError(f'{where}: field "safe": expected true or false, got {_json_type(safe)}')
+  return EvalItem(question=question, answer=answer, type=kind, safe=safe)
 
 
 def _parse_value(obj: Any, where: str, parse: Callable[[dict, str], Any]) -> Any:
@@ -291,8 +295,9 @@ def _helpful_obj(h: Helpful) -> dict:
 
 def _eval_obj(item: EvalItem) -> dict:
   obj = {"question": item.question}
-  if item.answer is not None:
-    obj["answer"] = item.answer
+  for key in ("answer", "type", "safe"):
+    if getattr(item, key) is not None:
+      obj[key] = getattr(item, key)
   return obj
 
 

@@ -52,7 +52,10 @@ class Helpful:
 
 @dataclasses.dataclass(frozen=True)
 class EvalItem:
-  """An evaluation prompt, with a reference answer for GSM8K / MMLU style files."""
+  """An evaluation prompt, with a reference answer for GSM8K / MMLU style files, and for
+  over-refusal files its prompt type and whether it is safe to answer."""
 
   question: str
   answer: str | None = None
+  type: str | None = None
+  safe: bool | None = None

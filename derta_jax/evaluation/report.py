@@ -97,10 +97,44 @@ def plot_refusal_probe(metrics: Mapping, path: Path) -> None:
   _save_png(fig, path)
 
 
+def plot_over_refusal(metrics: Mapping, path: Path) -> None:
+  """XSTest's three classes per prompt type, stacked (shares of that type's prompts)."""
+  types = list(metrics["per_type"])
+  fig, ax = _figure(8.0, 0.9 + 0.32 * max(len(types), 3))
+  left = [0.0] * len(types)
+  for cls, color in (("full_compliance", "C2"), ("partial_refusal", "C1"),
+                     ("full_refusal", "C3"), ("empty", "C7")):
+    shares = [100 * metrics["per_type"][t][cls] for t in types]
+    ax.barh(types, shares, left=left, color=color, label=cls.replace("_", " "))
+    left = [a + b for a, b in zip(left, shares, strict=True)]
+  ax.invert_yaxis()
+  ax.set(xlabel="share of prompts (%)", xlim=(0, 100),
+         title=f"Over-refusal ({metrics['n_safe']} safe prompts, {metrics['n_unsafe']} unsafe "
+               "contrasts)")
+  ax.legend(loc="lower right", fontsize=7)
+  _save_png(fig, path)
+
+
+def plot_attacks(suites: Mapping, path: Path) -> None:
+  """ASR per attack suite under the configured judge and under strict."""
+  names = [n for n, m in suites.items() if "asr_strict" in m]
+  fig, ax = _figure(max(4.0, 1.1 * len(names) + 1.5), 4.0)
+  x = range(len(names))
+  ax.bar([i - 0.2 for i in x], [100 * suites[n]["asr"] for n in names], 0.4, label="judge")
+  ax.bar([i + 0.2 for i in x], [100 * suites[n]["asr_strict"] for n in names], 0.4,
+         label="strict")
+  ax.set_xticks(list(x), names, rotation=20, fontsize=8)
+  ax.set(ylabel="attack success rate (%)", ylim=(0, 103), title="Attacks")
+  ax.legend()
+  ax.grid(axis="y", alpha=0.3)
+  _save_png(fig, path)
+
+
 PLOTS = {
     "prefilling": ("prefilling_asr.png", plot_prefilling),
     "refusal_position": ("refusal_position.png", plot_refusal_positions),
     "refusal_probe": ("refusal_probe.png", plot_refusal_probe),
+    "over_refusal": ("over_refusal.png", plot_over_refusal),
 }
 
 
@@ -137,7 +171,10 @@ def headline(name: str, metrics: Mapping) -> list[tuple[str, object]]:
   if name == "refusal_probe":
     return [("mean P(refusal)", metrics["mean"]), ("P(refusal)@t=0", metrics["first"])]
   keys = {"refusal_position": ("share_first_5", "mean_position", "refusals"),
-          "alpaca": ()}.get(name, ("asr", "refusal_rate", "accuracy"))
+          "alpaca": (),
+          "over_refusal": ("refusal_rate", "refusal_rate_strict", "full_compliance",
+                           "unsafe_refusal_rate")}.get(name, ("asr", "asr_strict", "empty",
+                                                              "accuracy"))
   return [(k, metrics[k]) for k in keys if k in metrics]
 
 
@@ -161,3 +198,5 @@ def write_summary(directory: Path, summary: Mapping, config: Mapping) -> None:
               (json.dumps(dict(summary, config=config), indent=1) + "\n")
               .encode())
   write_bytes(directory / "summary.md", summary_markdown(summary, config).encode())
+  if any("asr_strict" in m for m in summary["suites"].values()):
+    plot_attacks(summary["suites"], directory / "attacks.png")

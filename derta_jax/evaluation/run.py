@@ -35,11 +35,17 @@ def check_config(config, workdir: Path) -> tuple[settings.Settings, dict[str, st
       raise
     problems.append(str(err))
   e = config.eval
-  paths = {name: e.get(f"{name}_path", "") for name in evaluate.SUITES}
-  paths = {name: p for name, p in paths.items() if p}
-  if not paths:
-    problems.append("no eval file is set: give one or more of " + ", ".join(
-        f"eval.{name}_path" for name in evaluate.SUITES))
+  try:
+    paths = settings.preset_paths(e.get("preset", ""), e.get("upstream_dir", ""))
+  except ValueError as err:
+    problems.append(str(err))
+    paths = {}
+  paths |= {name: e.get(f"{name}_path", "") for name in evaluate.SUITES
+            if e.get(f"{name}_path", "")}
+  if not paths and not problems:
+    problems.append("no eval file is set: give eval.preset='paper' with eval.upstream_dir, or "
+                    "one or more of " + ", ".join(f"eval.{name}_path"
+                                                  for name in evaluate.SUITES))
   problems += [f"eval.{name}_path={p!r}: no such file" for name, p in paths.items()
                if not epath.Path(p).is_file()]
   if problems:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 
 from etils import epath
 
@@ -12,6 +13,38 @@ from derta_jax.data import templates
 from derta_jax.evaluation import judges
 
 PREFILL_KS = (0, 3, 5, 10, 20, 40)
+# eval.preset "paper": suite -> the authors' file under <eval.upstream_dir>/data/test/.
+PAPER_FILES = {
+    "codeattack": "safety_codeattack.json", "jailbreakchat": "safety_jailbreakchat.json",
+    "selfcipher": "safety_selfcipher.json", "completion_attack": "safety_completionattack.json",
+    "illegal_instructions": "safety_illegal_instructions_200.json",
+    "gsm8k": "helpfulness_gsm8k_500.json", "mmlu": "helpfulness_mmlu_500.json",
+    "alpaca": "helpfulness_alpaca_eval_300.json",
+}
+PRESETS = ("", "paper")
+
+
+def over_refusal_file() -> Path:
+  """The shipped over-refusal set (XSTest's ten types and unsafe contrasts, our own prompts)."""
+  return Path(__file__).parent / "data" / "over_refusal.jsonl"
+
+
+def preset_paths(preset: str, upstream_dir: str) -> dict[str, str]:
+  """{suite: file} of an eval preset; ValueError names eval.preset / eval.upstream_dir."""
+  if preset not in PRESETS:
+    raise ValueError(f"eval.preset={preset!r}: choose one of {list(PRESETS)}")
+  if not preset:
+    return {}
+  if not upstream_dir:
+    raise ValueError("eval.preset='paper' reads the authors' files: set eval.upstream_dir to "
+                     "a clone of their repository (RobustNLP/DeRTa)")
+  test = epath.Path(upstream_dir) / "data" / "test"
+  paths = {name: str(test / file) for name, file in PAPER_FILES.items()}
+  missing = [p for p in paths.values() if not epath.Path(p).is_file()]
+  if missing:
+    raise ValueError(f"eval.upstream_dir={upstream_dir!r}: eval.preset='paper' needs "
+                     f"{', '.join(missing)}: no such file")
+  return dict(paths, over_refusal=str(over_refusal_file()))
 # The generation form of a training template, where the authors' differs (eval.template "").
 EVAL_FORM = {"upstream": "upstream_eval"}
 
@@ -44,18 +77,13 @@ def parse_ks(value) -> tuple[int, ...]:
 
 
 def check_judge(spec) -> None:
-  """A judge object, a keyword list name, or "model:<dir>" with a config.json."""
+  """A judge object, "harm", a keyword list name, or "<model kind>:<dir>" with a config.json."""
   if not isinstance(spec, str):
     if not callable(getattr(spec, "judge", None)):
       raise ValueError(f"{spec!r} has no judge(responses, prompts) method")
     return
-  if spec in judges.KEYWORD_LISTS:
-    return
-  path = spec[len("model:"):]
-  if not spec.startswith("model:") or not path:
-    raise ValueError(f"{spec!r} is unknown; choose one of {sorted(judges.KEYWORD_LISTS)} or "
-                     "'model:<HF checkpoint directory>'")
-  if not (epath.Path(path) / "config.json").exists():
+  _, path = judges.split_spec(spec)
+  if path and not (epath.Path(path) / "config.json").exists():
     raise ValueError(f"{spec!r}: {path}/config.json does not exist")
 
 
@@ -107,4 +135,4 @@ def from_config(config, *, seed: int | None = None) -> Settings:
   if not values["template"]:  # the training template's generation form
     trained = config.get("data", {}).get("template", "upstream")
     values["template"] = EVAL_FORM.get(trained, trained)
-  return check_settings(values, e.get("judge", "strict"), prefix="eval.")
+  return check_settings(values, e.get("judge", "harm"), prefix="eval.")
