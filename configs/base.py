@@ -278,7 +278,8 @@ def _eval() -> ml_collections.ConfigDict:
   c.upstream_dir = ""
   # Judge: "harm" (does the response give the harmful content; rule-based, offline),
   # "strict", "gcg", "qi", "arditi" (refusal keyword lists), "model:<HF checkpoint dir>",
-  # "llama_guard_3:<dir>" or "harmbench:<dir>" (guard classifiers in their prompt formats).
+  # "llama_guard_3:<dir>", "llama_guard_3_1b:<dir>", "harmbench:<dir>" or
+  # "harmbench_mistral:<dir>" (guard classifiers in their own prompt formats).
   c.judge = "harm"
   # Longest generation, in tokens.
   c.max_new_tokens = 256

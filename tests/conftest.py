@@ -47,6 +47,22 @@ def make_hf_model(seed: int = 0, **overrides):
   return model
 
 
+def torch_unsafe_probability(model, tok, template, unsafe, safe, prompt, response) -> float:
+  """A classifier judge's P(unsafe) from transformers, unbatched: each verdict's tokens
+  appended to [BOS] + tokens of the rendered template and scored alone."""
+  import torch
+
+  ids = [tok.bos_id, *tok.encode(template.format(prompt=prompt, response=response))]
+  totals = []
+  for verdict in (unsafe, safe):
+    cand = tok.encode(verdict)
+    with torch.no_grad():
+      logits = model(input_ids=torch.tensor([ids + cand])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    totals.append(sum(logp[len(ids) - 1 + j, c] for j, c in enumerate(cand)))
+  return float(torch.softmax(torch.stack(totals), 0)[0])
+
+
 def set_config(config, **overrides):
   """`config` with overrides whose nested keys are joined by "__" (train__num_steps=2)."""
   for key, value in overrides.items():

@@ -45,6 +45,16 @@ def _toy_config():
   return module.get_config()
 
 
+@pytest.fixture
+def no_model_loads(monkeypatch):
+  """Loading or building a model fails the test: checks must come first."""
+  def no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded before the config and files were checked")
+
+  monkeypatch.setattr(config_build, "build_model", no_model)
+  monkeypatch.setattr(config_build, "checkpoint_model", no_model)
+
+
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
   return load_tokenizer(synthetic.write_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer"))
@@ -453,13 +463,8 @@ def test_run_eval_mode_takes_the_latest_checkpoint(toy_files, tmp_path, tok):
     ("top_p", 0.0, "eval.top_p=0.0: must be in (0, 1]"),
     ("limit", -2, "eval.limit=-2: must be an int >= 0"),
 ])
-def test_bad_eval_config_fails_before_any_model_loads(toy_files, tmp_path, monkeypatch, key,
-                                                       value, message):
-  def no_model(*args, **kwargs):
-    raise AssertionError("a model was loaded before the config was checked")
-
-  monkeypatch.setattr(config_build, "build_model", no_model)
-  monkeypatch.setattr(config_build, "checkpoint_model", no_model)
+def test_bad_eval_config_fails_before_any_model_loads(toy_files, tmp_path, no_model_loads,
+                                                       key, value, message):
   config = _toy_config()
   config.mode = "eval"
   config.eval.over_refusal_path = str(toy_files.benign)
@@ -622,12 +627,7 @@ def test_paper_preset_runs_every_suite_on_a_tiny_checkpoint(tmp_path):
   assert summary["files"]["over_refusal"] == ["over_refusal.jsonl", "over_refusal.png"]
 
 
-def test_paper_preset_errors_come_before_generation(tmp_path, monkeypatch):
-  def no_model(*args, **kwargs):
-    raise AssertionError("a model was loaded before the files were checked")
-
-  monkeypatch.setattr(config_build, "build_model", no_model)
-  monkeypatch.setattr(config_build, "checkpoint_model", no_model)
+def test_paper_preset_errors_come_before_generation(tmp_path, no_model_loads):
   config = _toy_config()
   config.mode = "eval"
   config.eval.preset = "paper"

@@ -7,8 +7,7 @@ import logging
 import jax
 import numpy as np
 import pytest
-import torch
-from conftest import make_hf_model
+from conftest import make_hf_model, torch_unsafe_probability
 from transformers import PreTrainedTokenizerFast
 
 from derta_jax.data.synthetic import write_tokenizer
@@ -140,24 +139,11 @@ def probs(judge):
   return judge.unsafe_probability(PROMPTS, RESPONSES)
 
 
-def _torch_unsafe_probability(model, tok, prompt, response):
-  """Unbatched reference: each verdict appended to [BOS] + template tokens, scored alone."""
-  ids = [tok.bos_id, *tok.encode(TEMPLATE.format(prompt=prompt, response=response))]
-  totals = []
-  for verdict in (UNSAFE, SAFE):
-    cand = tok.encode(verdict)
-    with torch.no_grad():
-      logits = model(input_ids=torch.tensor([ids + cand])).logits[0].double()
-    logp = torch.log_softmax(logits, -1)
-    totals.append(sum(logp[len(ids) - 1 + j, c] for j, c in enumerate(cand)))
-  return float(torch.softmax(torch.stack(totals), 0)[0])
-
-
 def test_unsafe_probability_matches_transformers(checkpoint, probs):
   path, model = checkpoint
   tok = load_tokenizer(path)
   assert len(tok.encode(UNSAFE)) == 2 and len(tok.encode(SAFE)) == 1
-  want = [_torch_unsafe_probability(model, tok, p, r)
+  want = [torch_unsafe_probability(model, tok, TEMPLATE, UNSAFE, SAFE, p, r)
           for p, r in zip(PROMPTS, RESPONSES, strict=True)]
   np.testing.assert_allclose(probs, want, atol=1e-4, rtol=0)
   # The 2-token verdict is the less likely, so P is small: compare log P too.

@@ -48,7 +48,8 @@ FORMATS = {
                        'Harmful triples {"instruction", "output", "safe_response"}.'),
     "helpful": _Format("load_helpful", Helpful, 'Helpful pairs {"instruction", "output"}.'),
     "eval": _Format("load_eval", EvalItem,
-                    'Evaluation prompts {"question"[, "answer"]}; answer "" means absent.'),
+                    'Evaluation prompts {"question"[, "answer"][, "type", "safe"]}; "" means '
+                    'absent, safe is "true" or "false".'),
 }
 
 
@@ -66,9 +67,11 @@ def _features(fmt: str) -> tfds.features.FeaturesDict:
 
 
 def _to_feature_dict(record: Record) -> dict[str, Any]:
-  # TFDS has no optional Text, so a missing eval answer is stored as ""; the readers reject
-  # an empty answer, so "" is never a real one.
-  return {k: "" if v is None else v for k, v in dataclasses.asdict(record).items()}
+  # TFDS has no optional Text, so a missing eval answer or type is stored as ""; the readers
+  # reject an empty one, so "" is never a real one. An eval item's safe flag is stored as
+  # "true" / "false" / "".
+  return {k: "" if v is None else ("true" if v else "false") if isinstance(v, bool) else v
+          for k, v in dataclasses.asdict(record).items()}
 
 
 def to_record(fmt: str, item: Mapping[str, str]) -> Record:
@@ -77,6 +80,8 @@ def to_record(fmt: str, item: Mapping[str, str]) -> Record:
   fields = dict(item)
   if spec.record is EvalItem:
     fields["answer"] = fields["answer"] or None
+    fields["type"] = fields.get("type") or None
+    fields["safe"] = {"true": True, "false": False}.get(fields.get("safe", ""))
   return spec.record(**fields)
 
 

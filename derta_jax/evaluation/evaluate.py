@@ -273,7 +273,7 @@ def evaluate(model, tokenizer, *, suites: Mapping[str, str | os.PathLike],
   """Run `suites` ({suite: file}), write <workdir>/eval/, return the summary.
 
   judge: a judges spec ("harm", "strict", "gcg", "qi", "arditi", "model:<dir>",
-  "llama_guard_3:<dir>", "harmbench:<dir>") or a judge object.
+  "<guard format>:<dir>", see guard_formats) or a judge object.
   refusal_ids: the probe's refusal token(s); None = the tokenizer's "Sorry".
   limit: the first n items of every file (0 = all). metadata: extra summary entries.
   """
