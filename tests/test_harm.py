@@ -149,6 +149,9 @@ def test_read_results_reads_the_released_formats(tmp_path):
   array = tmp_path / "array.json"
   array.write_text(json.dumps([{"prompt": "q", "output": "r"}], indent=2))
   assert calibration.read_results(array) == [("q", "r")]
+  keyed = tmp_path / "keyed.json"
+  keyed.write_text(json.dumps({"0": {"goal": "g", "prompt": "q", "response": "r"}}))
+  assert calibration.read_results(keyed) == [("q", "r")]
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps({"question": "q", "response": "r"}) + "\n"
                  + json.dumps({"question": "q"}) + "\n")

@@ -108,8 +108,8 @@ def _pair_of(obj, where: str) -> tuple[str, str] | None:
 
 def read_results(path: str | os.PathLike) -> list[tuple[str, str] | None]:
   """Per record of a released results file, (prompt, response); None for a PAIR goal that
-  carries no response. JSON lines or one JSON array; DataError names the file, line (or
-  element) and field."""
+  carries no response. JSON lines, one JSON array, or one object of records; DataError names
+  the file, line (or element, or key) and field."""
   name = os.fspath(path)
   with open(name, encoding="utf-8") as f:
     raw = f.read()
@@ -119,6 +119,8 @@ def read_results(path: str | os.PathLike) -> list[tuple[str, str] | None]:
     whole = None
   if isinstance(whole, list):
     return [_pair_of(obj, f"{name}: element {i}") for i, obj in enumerate(whole)]
+  if isinstance(whole, dict) and whole and all(isinstance(v, dict) for v in whole.values()):
+    return [_pair_of(obj, f"{name}: key {k!r}") for k, obj in whole.items()]
   out = []
   for number, line in enumerate(raw.splitlines(), start=1):
     if not line.strip():
