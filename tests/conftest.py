@@ -63,6 +63,15 @@ def torch_unsafe_probability(model, tok, template, unsafe, safe, prompt, respons
   return float(torch.softmax(torch.stack(totals), 0)[0])
 
 
+def llama3_tokenizer_path() -> str:
+  """The real LLaMA-3 tokenizer file, shipped by llama-models (requirements-dev.txt)."""
+  import importlib.util
+
+  spec = importlib.util.find_spec("llama_models")
+  assert spec is not None, "pip install -r requirements-dev.txt (llama-models ships the file)"
+  return os.path.join(os.path.dirname(spec.origin), "llama3", "tokenizer.model")
+
+
 def set_config(config, **overrides):
   """`config` with overrides whose nested keys are joined by "__" (train__num_steps=2)."""
   for key, value in overrides.items():

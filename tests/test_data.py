@@ -1,11 +1,11 @@
 """Prefix sampler, recipes, tokenizers, encoding and the batch pipeline."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
+from conftest import llama3_tokenizer_path
 
 from derta_jax import data, losses
 from derta_jax.data import pipeline, sampler, tokenize
@@ -15,11 +15,7 @@ WORDS = ("the plan needs a rope , a map and 3 friends ; then wait until night . 
          "Überraschung: café naïve 42% — ok? yes!\nnext line\ttab").split(" ")
 
 
-def _llama3_tokenizer_path():
-  """The real LLaMA-3 tokenizer file, shipped by llama-models (requirements-dev.txt)."""
-  spec = importlib.util.find_spec("llama_models")
-  assert spec is not None, "pip install -r requirements-dev.txt (llama-models ships the file)"
-  return os.path.join(os.path.dirname(spec.origin), "llama3", "tokenizer.model")
+_llama3_tokenizer_path = llama3_tokenizer_path  # the subprocess below imports it from here
 
 
 @pytest.fixture(scope="module")

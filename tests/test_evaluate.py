@@ -4,14 +4,13 @@ and run.py's eval mode with its config errors."""
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_hf_model
+from conftest import llama3_tokenizer_path, make_hf_model
 from flax import nnx
 
 from derta_jax import config_build
@@ -62,9 +61,7 @@ def tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama3():
-  spec = importlib.util.find_spec("llama_models")
-  assert spec is not None, "pip install -r requirements-dev.txt (llama-models ships the file)"
-  return load_tokenizer(os.path.join(os.path.dirname(spec.origin), "llama3", "tokenizer.model"))
+  return load_tokenizer(llama3_tokenizer_path())
 
 
 @pytest.fixture(scope="module")

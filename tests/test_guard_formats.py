@@ -2,13 +2,11 @@
 Guard prompts tokenize as Meta's own LLaMA-3 chat format encodes them; ModelJudge with every
 format scores a tiny random checkpoint as transformers does."""
 
-import importlib.util
-import os
 import string
 
 import numpy as np
 import pytest
-from conftest import make_hf_model, torch_unsafe_probability
+from conftest import llama3_tokenizer_path, make_hf_model, torch_unsafe_probability
 
 from derta_jax.checkpoints import hf
 from derta_jax.data.synthetic import write_word_tokenizer
@@ -51,16 +49,11 @@ VERDICTS = {"llama_guard_3": ("unsafe", "safe"), "llama_guard_3_1b": ("unsafe", 
             "harmbench": ("Yes", "No"), "harmbench_mistral": ("Yes", "No")}
 
 
-def _llama3_tokenizer_path():
-  """The real LLaMA-3 tokenizer file, shipped by llama-models (requirements-dev.txt)."""
-  spec = importlib.util.find_spec("llama_models")
-  assert spec is not None, "pip install -r requirements-dev.txt (llama-models ships the file)"
-  return os.path.join(os.path.dirname(spec.origin), "llama3", "tokenizer.model")
 
 
 @pytest.fixture(scope="module")
 def llama3_tok():
-  return load_tokenizer(_llama3_tokenizer_path())
+  return load_tokenizer(llama3_tokenizer_path())
 
 
 # The templates ----------------------------------------------------------------------------
