@@ -9,7 +9,8 @@ recall / F1 against our labels (derta_jax/evaluation/gold/, positive = harmful; 
 files absent from DIR are skipped), and per released file its ASR next to the paper's
 published ASR, then the MAE and Spearman rho over the files with a published number (all,
 and per attack), and whether DeRTa < vanilla and DeRTa < DPO holds for every (attack, base
-model) pair. `harm_responses_per_s` is the harm judge's throughput on this CPU.
+model) pair. `harm_responses_per_s` is the harm judge's throughput on this CPU. A file the
+readers refuse is listed under `unreadable` with the reason, and the rest are judged.
 """
 
 import argparse
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from derta_jax.data.records import DataError
 from derta_jax.evaluation import calibration, judges
 
 
@@ -96,13 +98,19 @@ def main() -> None:
   labels = calibration.load_labels(args.labels_dir)
 
   released = {}  # (attack, file name) -> [(prompt, response) | None]
+  unreadable = {}  # a file the readers refuse is reported, and the others still judged
   for attack in [a for a in args.attacks.split(",") if a]:
     for path in calibration.results_files(args.upstream_dir, attack):
-      released[attack, path.name] = calibration.read_results(path)
+      try:
+        released[attack, path.name] = calibration.read_results(path)
+      except (DataError, UnicodeDecodeError) as e:
+        unreadable[f"{attack}/{path.name}"] = str(e)
   if not released:
-    raise SystemExit(f"{args.upstream_dir}: no released files under results/safety/<attack>/")
+    raise SystemExit(f"{args.upstream_dir}: no readable released files under "
+                     f"results/safety/<attack>/ {unreadable or ''}")
 
-  out = dict(upstream_dir=str(Path(args.upstream_dir).resolve()), judges={})
+  out = dict(upstream_dir=str(Path(args.upstream_dir).resolve()), unreadable=unreadable,
+             judges={})
   for name, judge in made.items():
     verdicts, seconds, count = {}, 0.0, 0
     for key, pairs in released.items():

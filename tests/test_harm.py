@@ -156,6 +156,9 @@ def test_read_results_reads_the_released_formats(tmp_path):
   keyed = tmp_path / "keyed.json"
   keyed.write_text(json.dumps({"0": {"goal": "g", "prompt": "q", "response": "r"}}))
   assert calibration.read_results(keyed) == [("q", "r")]
+  no_prompt = tmp_path / "no_prompt.json"
+  no_prompt.write_text(json.dumps({"id": 3, "response": ["first", "second"]}) + "\n")
+  assert calibration.read_results(no_prompt) == [("", "first")]
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps({"question": "q", "response": "r"}) + "\n"
                  + json.dumps({"question": "q"}) + "\n")

@@ -33,6 +33,8 @@ def _upstream(root: Path) -> Path:
              "Example Jailbreak RESPONSE:\n\n{r}\n")
   _jsonl(safety / "pair" / "PAIR_result_llama-3-8B-vanilla.json",
          [summary.format(i=0, r=STEPS), "\nNo jailbreaks achieved.\n"])
+  (safety / "autodan").mkdir()
+  (safety / "autodan" / "odd.json").write_text('{"question": "q"}\n')  # no response field
   return root
 
 
@@ -66,3 +68,5 @@ def test_the_bench_prints_agreement_and_paper_comparison(tmp_path):
   assert harm["order"]["checks"] == {"selfcipher/llama3-8b: derta<vanilla": True,
                                      "selfcipher/llama3-8b: derta<dpo": True}
   assert line["harm_responses_per_s"] > 0
+  assert list(line["unreadable"]) == ["autodan/odd.json"]
+  assert "no response field" in line["unreadable"]["autodan/odd.json"]

@@ -90,17 +90,18 @@ RESPONSE_KEYS = ("response", "output", "answer", "completion", "generation")
 
 
 def _pair_of(obj, where: str) -> tuple[str, str] | None:
+  """(prompt, response) of one record. A record without a prompt field is judged without
+  one (no echo or persona reading); a list of responses gives its first."""
   if isinstance(obj, str):
     return _pair_pair(obj)
   if not isinstance(obj, dict):
     raise DataError(f"{where}: expected an object or a PAIR summary string")
-  prompt = next((obj[k] for k in PROMPT_KEYS if isinstance(obj.get(k), str)), None)
+  prompt = next((obj[k] for k in PROMPT_KEYS if isinstance(obj.get(k), str)), "")
   response = next((obj[k] for k in RESPONSE_KEYS if k in obj), None)
-  if prompt is None:
-    raise DataError(f"{where}: no prompt field (one of {', '.join(PROMPT_KEYS)}) holding a "
-                    "string")
   if response is None:
     raise DataError(f"{where}: no response field (one of {', '.join(RESPONSE_KEYS)})")
+  if isinstance(response, list) and response and all(isinstance(r, str) for r in response):
+    response = response[0]
   if not isinstance(response, str):
     raise DataError(f"{where}: the response field is not a string")
   return prompt, response
@@ -141,7 +142,9 @@ def asr_denominator(pairs: list) -> int:
 def results_files(upstream_dir: str | os.PathLike, attack: str) -> list[Path]:
   """The released files of one attack under <upstream_dir>/results/safety/<attack>/."""
   folder = Path(upstream_dir) / "results" / "safety" / attack
-  return sorted(folder.glob("*.json")) if folder.is_dir() else []
+  if not folder.is_dir():
+    return []
+  return sorted(p for p in folder.iterdir() if p.suffix in (".json", ".jsonl") and p.is_file())
 
 
 def gold_dir() -> Path:
