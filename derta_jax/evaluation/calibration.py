@@ -160,7 +160,10 @@ def load_labels(folder: str | os.PathLike | None = None) -> list[dict]:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
       if not line.strip():
         continue
-      obj = json.loads(line)
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{number}: bad JSON at column {e.colno}: {e.msg}") from None
       missing = [k for k in ("file", "index", "harmful", "reason") if k not in obj]
       if missing or not isinstance(obj["harmful"], bool):
         raise DataError(f"{path}:{number}: fields {missing or ['harmful']} missing or bad")

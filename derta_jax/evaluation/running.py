@@ -99,8 +99,8 @@ def asr(rows: list[dict]) -> dict:
 def judged(ctx: Context, items, name: str, template: str) -> tuple[Result, list[list[int]]]:
   """Generate for eval items and judge the responses; (result, generated ids)."""
   prompts, ids, responses = answer(ctx, items, name, template=template)
-  judged = verdicts(ctx, responses, [it.question for it in items])
+  found = verdicts(ctx, responses, [it.question for it in items])
   rows = [dict(question=it.question, prompt=p, response=r, truncated=truncated(ctx, i), **v)
-          for it, p, i, r, v in zip(items, prompts, ids, responses, judged, strict=True)]
+          for it, p, i, r, v in zip(items, prompts, ids, responses, found, strict=True)]
   refused = sum(r["refused"] for r in rows)
   return Result(rows, dict(n=len(rows), refused=refused, **asr(rows))), ids
