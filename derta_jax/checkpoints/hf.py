@@ -1,7 +1,8 @@
 """Hugging Face LLaMA checkpoints <-> derta_jax models; the only module that knows HF names.
 
 Reads `config.json` plus `*.safetensors` (one file, or shards listed in
-`model.safetensors.index.json`) without torch. Each device's shard of each parameter is
+`model.safetensors.index.json`) without torch, or a GGUF file (`gguf.open_gguf`, which
+renames its tensors to HF names). Each device's shard of each parameter is
 read straight from the memory-mapped file, so no host holds a full copy per device.
 """
 
@@ -26,7 +27,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from derta_jax import sharding as sharding_lib
-from derta_jax.checkpoints import finite
+from derta_jax.checkpoints import finite, gguf
+from derta_jax.checkpoints.errors import CheckpointError
 from derta_jax.models import hf_config, llama
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -34,10 +36,6 @@ SINGLE_FILE = "model.safetensors"
 # Non-parameter buffers that some older LLaMA checkpoints carry; transformers drops them too.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 _FLOAT_DTYPES = frozenset({"F32", "F16", "BF16"})  # safetensors dtype names we read
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be loaded as this model; the message names file and tensor."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +140,7 @@ class _SafetensorsDir:
       raise CheckpointError(f"{directory}: no *.safetensors weights (found {found}); "
                             "derta_jax never unpickles .bin/.pt files: convert them to "
                             "safetensors first")
-    self.handles, self.file_of = {}, {}
+    self.handles, self.file_of, self.directory = {}, {}, directory
     for name in files:
       path = directory / name
       if not path.exists():
@@ -164,6 +162,9 @@ class _SafetensorsDir:
   def slice(self, name: str):
     return self.handles[self.file_of[name]].get_slice(name)
 
+  def location(self, name: str) -> str:
+    return str(self.directory / self.file_of[name])
+
 
 def _read_json(path: Path) -> dict:
   try:
@@ -178,8 +179,11 @@ def _read_json(path: Path) -> dict:
 
 
 def read_config(path: str | os.PathLike, **overrides) -> llama.LlamaConfig:
-  """The LlamaConfig of the HF checkpoint directory `path` (with field overrides)."""
+  """The LlamaConfig of the HF checkpoint directory or GGUF file `path` (with field
+  overrides)."""
   directory = Path(path)
+  if gguf.is_gguf(directory):
+    return _config_of(gguf.open_gguf(directory)[0], directory, overrides)
   if not directory.exists():
     raise FileNotFoundError(f"HF checkpoint directory not found: {directory}")
   if not directory.is_dir():
@@ -189,13 +193,17 @@ def read_config(path: str | os.PathLike, **overrides) -> llama.LlamaConfig:
   if not config_path.exists():
     raise FileNotFoundError(f"{config_path} not found: an HF checkpoint directory needs "
                             "config.json")
+  return _config_of(_read_json(config_path), config_path, overrides)
+
+
+def _config_of(hf_dict: dict, where: Path, overrides: dict) -> llama.LlamaConfig:
   try:
-    return hf_config.from_hf_config(_read_json(config_path), **overrides)
+    return hf_config.from_hf_config(hf_dict, **overrides)
   except hf_config.HFConfigError as e:
-    raise CheckpointError(f"{config_path}: {e}") from None
+    raise CheckpointError(f"{where}: {e}") from None
 
 
-def _check_tensors(directory: Path, files: _SafetensorsDir, config: llama.LlamaConfig,
+def _check_tensors(directory: Path, files, config: llama.LlamaConfig,
                    tensors: list[_Tensor], shapes: dict[tuple[str, ...], tuple[int, ...]]):
   expected = {}
   for t in tensors:
@@ -218,15 +226,15 @@ def _check_tensors(directory: Path, files: _SafetensorsDir, config: llama.LlamaC
   unexpected = sorted(found - set(expected))
   if unexpected:
     raise CheckpointError(f"{directory}: {len(unexpected)} unexpected tensor(s) not in a "
-                          f"LlamaForCausalLM with this config.json: {unexpected[:5]}")
+                          f"LlamaForCausalLM with this config: {unexpected[:5]}")
   for name, want in expected.items():
     info = files.slice(name)
     got, dtype = tuple(info.get_shape()), info.get_dtype()
     if got != want:
-      raise CheckpointError(f"{directory / files.file_of[name]}: tensor {name} has shape {got}, "
+      raise CheckpointError(f"{files.location(name)}: tensor {name} has shape {got}, "
                             f"expected {want} from config.json")
     if dtype not in _FLOAT_DTYPES:
-      raise CheckpointError(f"{directory / files.file_of[name]}: tensor {name} has dtype "
+      raise CheckpointError(f"{files.location(name)}: tensor {name} has dtype "
                             f"{dtype}; expected one of {sorted(_FLOAT_DTYPES)}")
 
 
@@ -234,10 +242,20 @@ def _normalize(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice,
   return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape, strict=True))
 
 
+def check_dtype(dtype, caller: str) -> str:
+  """The name of a floating parameter dtype, or a ValueError naming `caller`."""
+  name = jnp.dtype(dtype).name
+  if name not in llama.DTYPES:
+    raise ValueError(f"{caller}: dtype={name!r} is not a floating type; choose one of "
+                     f"{sorted(llama.DTYPES)}")
+  return name
+
+
 def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = None,
             compute_dtype=None, rules=sharding_lib.DEFAULT_RULES,
             **config_overrides) -> llama.Llama:
-  """Load an HF LLaMA checkpoint directory into a `Llama`; NaN or Inf weights are an error.
+  """Load an HF LLaMA checkpoint directory (or a GGUF file) into a `Llama`; NaN or Inf
+  weights are an error.
 
   Args:
     dtype: parameter (storage) dtype; also the compute dtype unless `compute_dtype` is set.
@@ -246,50 +264,57 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = N
     config_overrides: LlamaConfig fields such as `scan_layers` or `remat`.
   """
   directory = Path(path)
-  param_dtype = jnp.dtype(dtype).name
-  if param_dtype not in llama.DTYPES:
-    raise ValueError(f"load_hf: dtype={param_dtype!r} is not a floating type; choose one of "
-                     f"{sorted(llama.DTYPES)}")
-  config = read_config(directory, param_dtype=param_dtype,
-                       dtype=jnp.dtype(compute_dtype or dtype).name, **config_overrides)
+  fields = dict(param_dtype=check_dtype(dtype, "load_hf"),
+                dtype=jnp.dtype(compute_dtype or dtype).name, **config_overrides)
+  if gguf.is_gguf(directory):
+    hf_dict, tensors = gguf.open_gguf(directory)
+    return load_tensors(tensors, _config_of(hf_dict, directory, fields), where=directory,
+                        mesh=mesh, rules=rules)
+  config = read_config(directory, **fields)
+  with contextlib.ExitStack() as stack:
+    return load_tensors(_SafetensorsDir(directory, stack), config, where=directory, mesh=mesh,
+                        rules=rules)
+
+
+def load_tensors(files, config: llama.LlamaConfig, *, where: Path, mesh: Mesh | None = None,
+                 rules=sharding_lib.DEFAULT_RULES) -> llama.Llama:
+  """A `Llama` of `config` from `files` (HF tensor names -> slices: `file_of`, `slice`,
+  `location`), each device's block read on its own; `where` names the source in errors."""
   graphdef, state = nnx.split(llama.abstract_model(config))
   variables = dict(nnx.to_flat_state(state))
   tensors = _tensor_map(config)
   target = np.dtype(config.weight_dtype)
+  _check_tensors(where, files, config, tensors,
+                 {t.path: variables[t.path].shape for t in tensors})
+  for t in tensors:
+    var = variables[t.path]
+    shape = tuple(var.shape)
+    if mesh is None:
+      sharding = SingleDeviceSharding(jax.local_devices()[0])
+    else:
+      sharding = sharding_lib.param_sharding("/".join(t.path), shape,
+                                             var.get_metadata()["out_sharding"], mesh, rules)
+    cache: dict[tuple, np.ndarray] = {}
 
-  with contextlib.ExitStack() as stack:
-    files = _SafetensorsDir(directory, stack)
-    _check_tensors(directory, files, config, tensors,
-                   {t.path: variables[t.path].shape for t in tensors})
-    for t in tensors:
-      var = variables[t.path]
-      shape = tuple(var.shape)
-      if mesh is None:
-        sharding = SingleDeviceSharding(jax.local_devices()[0])
-      else:
-        sharding = sharding_lib.param_sharding("/".join(t.path), shape,
-                                               var.get_metadata()["out_sharding"], mesh, rules)
-      cache: dict[tuple, np.ndarray] = {}
+    def block(index, t=t, shape=shape, cache=cache):
+      index = _normalize(index, shape)
+      key = tuple((s.start, s.stop) for s in index)
+      if key not in cache:
+        if t.stacked:
+          value = np.stack([
+              _read_ours(files.slice(t.hf.format(i=i)).__getitem__, t.layout, shape[1:],
+                         index[1:]) for i in range(*key[0])])
+        else:
+          value = _read_ours(files.slice(t.hf).__getitem__, t.layout, shape, index)
+        cache[key] = np.asarray(value).astype(target, copy=False)
+      return cache[key]
 
-      def block(index, t=t, shape=shape, cache=cache):
-        index = _normalize(index, shape)
-        key = tuple((s.start, s.stop) for s in index)
-        if key not in cache:
-          if t.stacked:
-            value = np.stack([
-                _read_ours(files.slice(t.hf.format(i=i)).__getitem__, t.layout, shape[1:],
-                           index[1:]) for i in range(*key[0])])
-          else:
-            value = _read_ours(files.slice(t.hf).__getitem__, t.layout, shape, index)
-          cache[key] = np.asarray(value).astype(target, copy=False)
-        return cache[key]
-
-      var.set_value(jax.make_array_from_callback(shape, sharding, block))
+    var.set_value(jax.make_array_from_callback(shape, sharding, block))
   layers = {t.hf: [t.hf.format(i=i) for i in range(config.n_layers)] for t in tensors if t.stacked}
   bad = finite.nonfinite_leaves({t.hf: variables[t.path][...] for t in tensors}, rows=layers)
   if bad:
     listed = finite.describe([(f"{name} in {files.file_of[name]}", n) for name, n in bad])
-    raise CheckpointError(f"{directory}: {listed}; re-download or re-export the checkpoint")
+    raise CheckpointError(f"{where}: {listed}; re-download or re-export the checkpoint")
   return nnx.merge(graphdef, nnx.from_flat_state(variables))
 
 

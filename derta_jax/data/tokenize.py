@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import logging
 
+from derta_jax.data import gguf_vocab
 from derta_jax.data.records import DataError, Example
 
 # The LLaMA-3 pre-tokenizer split (the cl100k-style pattern Meta's tokenizer uses).
@@ -74,6 +75,11 @@ class Tokenizer:
     """The id of the unknown token, or None when every text has its own tokens."""
     return None
 
+  @property
+  def chat_template(self) -> str | None:
+    """The model's jinja chat template (HF `tokenizer_config.json` or GGUF metadata)."""
+    return None
+
 
 class TiktokenTokenizer(Tokenizer):
   """A LLaMA-3 `tokenizer.model` (base64 token, rank per line) read with tiktoken."""
@@ -120,13 +126,15 @@ class TiktokenTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-  """A tokenizer directory (tokenizer.json / tokenizer_config.json) via AutoTokenizer."""
+  """A tokenizer directory (tokenizer.json / tokenizer_config.json) via AutoTokenizer, or
+  the vocabulary of a GGUF file (`gguf_vocab.build`)."""
 
   def __init__(self, path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     self.path = os.fspath(path)
-    self._tok = AutoTokenizer.from_pretrained(self.path)
+    self._tok = (gguf_vocab.build(self.path) if self.path.lower().endswith(".gguf")
+                 else AutoTokenizer.from_pretrained(self.path))
     if self._tok.bos_token_id is None or self._tok.eos_token_id is None:
       raise DataError(f"{path}: the tokenizer defines no BOS or EOS token (bos_token, "
                       f"eos_token in tokenizer_config.json)")
@@ -155,10 +163,20 @@ class HFTokenizer(Tokenizer):
   def unk_id(self):
     return self._tok.unk_token_id
 
+  @property
+  def chat_template(self):
+    template = self._tok.chat_template
+    return template if isinstance(template, str) else None
+
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-  """A HF tokenizer directory, or a LLaMA-3 tiktoken `tokenizer.model` file."""
+  """A HF tokenizer directory, a GGUF file's vocabulary, or a LLaMA-3 tiktoken
+  `tokenizer.model` file."""
   path = os.fspath(path)
+  if path.lower().endswith(".gguf"):
+    if not os.path.isfile(path):
+      raise DataError(f"{path}: GGUF file does not exist")
+    return HFTokenizer(path)
   if os.path.isdir(path):
     if not any(os.path.exists(os.path.join(path, f))
                for f in ("tokenizer.json", "tokenizer_config.json")):
