@@ -19,7 +19,7 @@ from flax import nnx
 
 from derta_jax import data, losses, optim, sharding
 from derta_jax.checkpoints import hf, orbax
-from derta_jax.data import synthetic
+from derta_jax.data import synthetic, templates
 from derta_jax.data import tfds as tfds_data
 from derta_jax.models import llama, lora
 
@@ -358,12 +358,14 @@ def training_data(config, workdir: Path):
   counts = {k: v for k, v in (("rto", d.n_rto), ("prefix", d.n_prefix),
                               ("vanilla", d.n_vanilla)) if v >= 0 and k in
             dict(data.RECIPES.get(d.recipe, ()))}
-  eos_text = d.eos_text or tokenizer.decode([tokenizer.eos_id])
+  template = templates.resolve(d.template, tokenizer)
+  eos_text = d.eos_text or getattr(template, "eos_text", tokenizer.decode([tokenizer.eos_id]))
 
   def recipe(epoch):
     return data.build_recipe(d.recipe, triples=triples, helpful=helpful, seed=config.seed,
-                             epoch=epoch, counts=counts, template=d.template,
-                             eos_text=eos_text, prefix_mode=d.prefix_mode,
-                             static=d.static_prefix)
+                             epoch=epoch, counts=counts, template=template,
+                             eos_text=eos_text, separator=templates.separator(template),
+                             prefix_mode=d.prefix_mode, static=d.static_prefix,
+                             tokenizer=tokenizer)
 
   return tokenizer, recipe, ids

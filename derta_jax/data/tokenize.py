@@ -80,6 +80,10 @@ class Tokenizer:
     """The model's jinja chat template (HF `tokenizer_config.json` or GGUF metadata)."""
     return None
 
+  def render_chat(self, messages: Sequence[dict], *, generation_prompt: bool) -> str:
+    """`messages` rendered as text by the chat template."""
+    raise DataError(f"{self.path}: this tokenizer has no chat template")
+
 
 class TiktokenTokenizer(Tokenizer):
   """A LLaMA-3 `tokenizer.model` (base64 token, rank per line) read with tiktoken."""
@@ -167,6 +171,10 @@ class HFTokenizer(Tokenizer):
   def chat_template(self):
     template = self._tok.chat_template
     return template if isinstance(template, str) else None
+
+  def render_chat(self, messages, *, generation_prompt):
+    return self._tok.apply_chat_template(list(messages), tokenize=False,
+                                         add_generation_prompt=generation_prompt)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

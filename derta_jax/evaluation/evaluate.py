@@ -294,6 +294,8 @@ def run_suites(model, tokenizer, loaded: Mapping[str, list], *, paths, workdir, 
   refusal = losses.refusal_tuple(tokenizer_refusal_ids(tokenizer) if refusal_ids is None
                                  else refusal_ids, model.config.vocab_size)
   eos = tuple(sorted({*model.config.eos_ids, tokenizer.eos_id}))
+  settings = dataclasses.replace(settings,
+                                 template=templates.resolve(settings.template, tokenizer))
   ctx = Context(model, tokenizer, judge, settings, refusal, eos,
                  {k: os.fspath(v) for k, v in paths.items()})
   out_dir = Path(workdir) / "eval"

@@ -95,8 +95,8 @@ def check_settings(values: Mapping, judge, *, prefix: str = "") -> Settings:
   def bad(name, why):
     problems.append(f"{prefix}{name}={v[name]!r}: {why}")
 
-  if v["template"] not in templates.TEMPLATES:
-    bad("template", f"choose one of {sorted(templates.TEMPLATES)}")
+  if v["template"] not in templates.NAMES:
+    bad("template", f"choose one of {sorted(templates.NAMES)}")
   for name in ("max_new_tokens", "batch_size"):
     if isinstance(v[name], bool) or not isinstance(v[name], int) or v[name] < 1:
       bad(name, "must be an int >= 1")
