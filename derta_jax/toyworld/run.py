@@ -67,7 +67,7 @@ def check_config(config) -> list[str]:
   return names
 
 
-def _derived(config, **values):
+def derived(config, **values):
   """A copy of config with "section.key" values replaced, in mode train."""
   sub = config.copy_and_resolve_references()
   sub.mode = "train"
@@ -83,7 +83,7 @@ def _derived(config, **values):
 def base_config(config, files: world.Files):
   """Pre-training on the base corpus alone: recipe vanilla with no safety examples."""
   w = config.toyworld
-  return _derived(config, **{
+  return derived(config, **{
       "data.source": "recipe", "data.recipe": "vanilla", "data.n_vanilla": 0,
       "data.helpful_path": str(files.base), "data.triples_path": str(files.triples),
       "data.tokenizer_path": str(files.tokenizer), "init.hf_path": "", "init.orbax_path": "",
@@ -97,7 +97,7 @@ def recipe_config(config, files: world.Files, name: str, base_hf: Path):
   w = config.toyworld
   parts = dict(recipes.RECIPES[name])
   counts = {p: round(parts.get(p, 0) * w.n_safety / 6000) for p in ("rto", "prefix", "vanilla")}
-  return _derived(config, **{
+  return derived(config, **{
       "data.source": "recipe", "data.recipe": name, "data.n_rto": counts["rto"],
       "data.n_prefix": counts["prefix"], "data.n_vanilla": counts["vanilla"],
       "data.helpful_path": str(files.helpful), "data.triples_path": str(files.triples),
