@@ -1,8 +1,11 @@
 """Train-step tokens/s: our DeRTa step (jit, XLA CPU) vs the authors' torch/HF step.
 
   python bench/train_step.py [--repeats 5] [--layers 4] [--seq-len 512] [--batch 4]
+  python bench/train_step.py --model=smollm2 [--repeats 3] [--seq-len 512] [--batch 2]
 
-Same weights (a random HF LLaMA saved and loaded with `load_hf`), fp32, CPU, one run.
+`--model=small` (the default): a 512-wide LLaMA with `--layers` layers; `--model=smollm2`:
+the SmolLM2-135M architecture (30 layers, tied embeddings, vocab 49152), random weights.
+Same weights on both sides (a random HF LLaMA saved and loaded with `load_hf`), fp32, CPU.
 Theirs is what the authors' HF Trainer does: RTO labels replaced by the refusal id, the
 model's shifted cross-entropy mean, backward, clip, torch AdamW, cosine-with-warmup step.
 Ours is `train.make_train_step` with the chunked loss. Prints one JSON line with both
@@ -29,14 +32,27 @@ BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
 LR, WEIGHT_DECAY, NUM_STEPS, WARMUP_RATIO, CLIP = 2e-5, 2e-5, 100, 0.03, 1.0
 
 
-def _hf_model(layers, seq_len):
+# HF config fields of each --model, and its flag defaults.
+MODELS = {
+    "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1376,
+                  num_attention_heads=8, num_key_value_heads=4, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False),
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                    rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True),
+}
+MODEL_DEFAULTS = {
+    "small": dict(layers=4, seq_len=512, batch=4, repeats=5),
+    "smollm2": dict(layers=30, seq_len=512, batch=2, repeats=3),
+}
+
+
+def _hf_model(layers, seq_len, kind="small"):
   """A random LLaMA whose weights give O(1) logits, so the loss check is not just log V."""
   torch.manual_seed(0)
   model = LlamaForCausalLM(LlamaConfig(
-      vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=layers,
-      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=seq_len,
-      rms_norm_eps=1e-6, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-      tie_word_embeddings=False))
+      num_hidden_layers=layers, max_position_embeddings=seq_len, bos_token_id=BOS_ID,
+      eos_token_id=EOS_ID, pad_token_id=PAD_ID, **MODELS[kind]))
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith("norm.weight"):
@@ -146,13 +162,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   add_model_args(parser)
+  parser.add_argument("--model", choices=sorted(MODELS), default="small")
+  # Unset flags take the model's defaults (MODEL_DEFAULTS).
+  parser.set_defaults(**dict.fromkeys(MODEL_DEFAULTS["small"]))
   args = parser.parse_args()
+  for key, value in MODEL_DEFAULTS[args.model].items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
   if args.seq_len < 128:
     parser.error(f"--seq-len={args.seq_len} must be >= 128 to hold a prompt and a response")
 
   threads = os.cpu_count()
   torch.set_num_threads(threads)
-  model = _hf_model(args.layers, args.seq_len)
+  model = _hf_model(args.layers, args.seq_len, args.model)
   rows = _rows(args.batch, args.seq_len, model.config.vocab_size)
   with tempfile.TemporaryDirectory() as tmp:
     model.save_pretrained(tmp)
@@ -166,8 +188,10 @@ def main():
   tokens = args.batch * args.seq_len
   print(json.dumps({
       "bench": "train_step",
+      "model": args.model,
       "config": dict(layers=args.layers, d_model=model.config.hidden_size,
-                     vocab=model.config.vocab_size, batch=args.batch, seq_len=args.seq_len),
+                     vocab=model.config.vocab_size, batch=args.batch, seq_len=args.seq_len,
+                     params=model.num_parameters()),
       "tokens_per_step": tokens,
       "ours_tokens_per_s": round(tokens / t_ours, 1),
       "theirs_tokens_per_s": round(tokens / t_theirs, 1),

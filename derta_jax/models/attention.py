@@ -1,7 +1,8 @@
-"""Attention kernels: masked einsums (any backend) and the Pallas TPU splash kernel.
+"""Attention kernels: masked einsums (any backend), the Pallas TPU splash kernel and
+`jax.nn.dot_product_attention` (cuDNN flash attention on NVIDIA GPUs, or XLA).
 
-Shapes as in llama.py: B batch, K kv heads, G query heads per kv head, T queries, S keys,
-H head dim.
+Shapes as in llama.py: B batch, N query heads, K kv heads, G query heads per kv head,
+T queries, S keys, H head dim.
 """
 
 from __future__ import annotations
@@ -52,3 +53,28 @@ def splash(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, segment_ids_BxT, scale, *, interpr
                         in_specs=(heads, heads, heads, P(rows)), out_specs=heads)
   q_BxKxGxTxH = (q_BxKxGxTxH * scale).astype(q_BxKxGxTxH.dtype)
   return run(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, segment_ids_BxT)
+
+
+def dot_product(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale, *,
+                implementation: str | None):
+  """Causal, segment-masked grouped-query attention through `jax.nn.dot_product_attention`.
+
+  `implementation`: "cudnn" (cuDNN flash attention; NVIDIA GPU, bf16 or fp16) or None (XLA,
+  any backend: the same layout and masks, so CPU tests cover the cuDNN call's inputs).
+  Query head n reads kv head n // G, as in the einsum path.
+  """
+  if implementation == "cudnn":
+    backend = jax.default_backend()
+    if backend != "gpu":
+      raise ValueError(f"model.attention='cudnn' runs on NVIDIA GPUs only (this is {backend}); "
+                       "use 'dot_product' (the same call through XLA) or 'xla'")
+    if q_BxTxNxH.dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"model.attention='cudnn' computes in bfloat16 or float16, not "
+                       f"{q_BxTxNxH.dtype}; set model.dtype='bfloat16'")
+  # Causality comes from is_causal (cuDNN then skips the masked blocks); the mask only
+  # separates packed segments, padding (id 0) being one more segment.
+  same_segment_Bx1xTxS = (segment_ids_BxT[:, None, :, None]
+                          == segment_ids_BxT[:, None, None, :])
+  return jax.nn.dot_product_attention(
+      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=same_segment_Bx1xTxS, scale=scale,
+      is_causal=True, implementation=implementation)

@@ -76,8 +76,8 @@ class Attention(nnx.Module):
   """Grouped-query attention over what `visible` lets each query see.
 
   `visible` is a bool mask [B, T, S] (causality and segments combined; with a cache, the
-  slots each new token sees) except for the splash kernel, which takes the segment ids
-  [B, T] and builds its causal, per-segment mask itself.
+  slots each new token sees) except for the kernels (splash, dot_product, cudnn) without a
+  cache, which take the segment ids [B, T] and build their causal, per-segment masks.
   """
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
@@ -95,8 +95,6 @@ class Attention(nnx.Module):
     slots under `visible` [B, T, S]; returns (output, (k, v)). `lora_keys_B`: LoRA dropout."""
     cfg = self.config
     dt = cfg.compute_dtype
-    b, t, _ = x_BxTxD.shape
-    g = cfg.n_heads // cfg.n_kv_heads
     q_BxTxNxH = _adapted(self, "q", jnp.einsum("BTD,DNH->BTNH", x_BxTxD, fsdp.gathered(self.q, dt)),
                          x_BxTxD, lora_keys_B)
     k_BxSxKxH = _adapted(self, "k", jnp.einsum("BSD,DKH->BSKH", x_BxTxD, fsdp.gathered(self.k, dt)),
@@ -105,6 +103,23 @@ class Attention(nnx.Module):
                          x_BxTxD, lora_keys_B)
     q_BxTxNxH = _apply_rope(q_BxTxNxH, cos_BxTxH, sin_BxTxH)
     k_BxSxKxH = _apply_rope(k_BxSxKxH, cos_BxTxH, sin_BxTxH)
+    if cache is None and cfg.attention in ("dot_product", "cudnn"):
+      kv = None  # `visible` holds the segment ids [B, T] here
+      out_BxTxNxH = attention.dot_product(
+          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, visible, cfg.head_dim**-0.5,
+          implementation="cudnn" if cfg.attention == "cudnn" else None)
+    else:
+      out_BxTxNxH, kv = self._head_major(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, visible, cache)
+    out_BxTxD = _adapted(self, "o", jnp.einsum("BTNH,NHD->BTD", out_BxTxNxH,
+                                               fsdp.gathered(self.o, dt)), out_BxTxNxH, lora_keys_B)
+    return out_BxTxD if cache is None else (out_BxTxD, kv)
+
+  def _head_major(self, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, visible, cache):
+    """(output [B, T, N, H], cache's (k, v) or None) of the einsum and splash paths."""
+    cfg = self.config
+    dt = cfg.compute_dtype
+    b, t, _, _ = q_BxTxNxH.shape
+    g = cfg.n_heads // cfg.n_kv_heads
     # Head-major layouts make both attention matmuls plain batched GEMMs (faster on CPU).
     q_BxKxGxTxH = q_BxTxNxH.reshape(b, t, cfg.n_kv_heads, g, cfg.head_dim).transpose(
         0, 2, 3, 1, 4)
@@ -131,9 +146,7 @@ class Attention(nnx.Module):
           for i in range(0, t, block)], axis=3)
     out_BxTxNxH = out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.n_heads,
                                                                  cfg.head_dim)
-    out_BxTxD = _adapted(self, "o", jnp.einsum("BTNH,NHD->BTD", out_BxTxNxH,
-                                               fsdp.gathered(self.o, dt)), out_BxTxNxH, lora_keys_B)
-    return out_BxTxD if cache is None else (out_BxTxD, (k_BxKxSxH, v_BxKxSxH))
+    return out_BxTxNxH, None if cache is None else (k_BxKxSxH, v_BxKxSxH)
 
 
 class MLP(nnx.Module):
@@ -251,7 +264,7 @@ class Llama(nnx.Module):
 
     P = jax.sharding.PartitionSpec
     layer = fsdp.layers(layer, layer_state, b, (P(fsdp.BATCH_AXES), P()) if dropout else (),
-                         check_vma=cfg.attention == "xla")
+                         check_vma=cfg.attention in ("xla", "dot_product"))
 
     def block(x_BxTxD, xs):
       state, keys_i = (xs[0], (lora_keys_B, xs[1])) if dropout else (xs, ())

@@ -13,7 +13,7 @@ import numpy as np
 
 from derta_jax.models import lora_layer
 
-ATTENTION = ("xla", "splash", "splash_interpret")
+ATTENTION = ("xla", "splash", "splash_interpret", "dot_product", "cudnn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 REMAT_POLICIES = {
@@ -60,7 +60,11 @@ class LlamaConfig:
   remat: str = "none"
   attn_q_block: int = 128  # queries per causal attention block; 0 = one block
   # "xla": blocked einsums (any backend); "splash": the Pallas TPU splash-attention kernel
-  # (TPU only); "splash_interpret": that kernel interpreted, to test it on CPU.
+  # (TPU only); "splash_interpret": that kernel interpreted, to test it on CPU; "cudnn":
+  # jax.nn.dot_product_attention's cuDNN flash attention (NVIDIA GPU, bf16/fp16; elsewhere
+  # tracing fails naming model.attention rather than silently running something slower);
+  # "dot_product": that same call through XLA (any backend). Decoding with a KV cache
+  # always uses the einsums.
   attention: str = "xla"
   lora: lora_layer.LoraConfig | None = None  # adapters on the projections; None: none
 
