@@ -75,6 +75,10 @@ def _data() -> ml_collections.ConfigDict:
   # Harmful-prefix lengths: official_word | token; static_prefix keeps one cut for all epochs.
   c.prefix_mode = "official_word"
   c.static_prefix = False
+  # What goes between a harmful prefix and the safe response after it: " " (upstream), or
+  # "" so the refusal starts at the cut with the very token RTO trains (data.refusal_text
+  # without a space), and training shows what follows that token inside a response.
+  c.after_prefix = " "
   # Pack several examples per row (segment ids) or one per row.
   c.pack = True
   # The refusal token(s) RTO trains towards, from this text (one token unless "first").
@@ -327,9 +331,6 @@ def _realmodel() -> ml_collections.ConfigDict:
   c.lr = 2e-5
   c.global_batch = 8
   c.seq_len = 256
-  # RTO also trains the refusal word's form after a space (" Sorry"), as it reads inside a
-  # response that has started.
-  c.refusal_after_space = True
   return c
 
 

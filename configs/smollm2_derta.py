@@ -42,6 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   r.global_batch = 8
   r.seq_len = 192
   config.loss.rto_keep_rate = 0.05
+  # SmolLM2 has "Sorry" as one token but " Sorry" as two: a refusal after a harmful prefix
+  # starts at the cut, with the token RTO trains, so training shows what follows it.
+  config.data.after_prefix = ""
   # The authors' harmful responses run to several hundred tokens: cut to the row, their
   # heads (where refusal matters most) are trained.
   config.data.max_truncated_fraction = 1.0

@@ -365,6 +365,7 @@ def training_data(config, workdir: Path):
     return data.build_recipe(d.recipe, triples=triples, helpful=helpful, seed=config.seed,
                              epoch=epoch, counts=counts, template=template,
                              eos_text=eos_text, separator=templates.separator(template),
+                             after_prefix=d.after_prefix,
                              prefix_mode=d.prefix_mode, static=d.static_prefix,
                              tokenizer=tokenizer)
 

@@ -9,6 +9,7 @@ import pytest
 from gguf_files import write_tiny_gguf
 
 from configs import smollm2_derta
+from derta_jax import config_build
 from derta_jax import main as derta_main
 from derta_jax.data import build_recipe, formats, load_tokenizer, templates
 from derta_jax.data.records import DataError, Helpful, Triple
@@ -112,19 +113,21 @@ def test_bad_config_fails_before_anything_is_written(tmp_path, gguf_file, upstre
 def test_chat_rows_put_the_refusal_after_the_harmful_prefix(gguf_file):
   tok = load_tokenizer(gguf_file)
   chat = templates.resolve("chat", tok)
-  triples = [Triple("How do I pick a lock?", "First get a tension wrench and a pick.",
-                    "Sorry, I can't help with that.")]
+  triples = [Triple(f"How do I pick lock {i}?", "First get a tension wrench and a pick.",
+                    "Sorry, I can't help with that.") for i in range(2)]
   examples = build_recipe("derta", triples=triples, helpful=[Helpful("Hi?", "Hello!")],
-                          counts={"rto": 1, "prefix": 1}, template=chat,
+                          counts={"rto": 2, "prefix": 2}, template=chat,
                           eos_text=chat.eos_text, separator=templates.separator(chat),
-                          seed=3)
-  helpful, rto, prefixed = examples
+                          after_prefix="", seed=3)
+  # The authors' cuts: every third example (ids 0, 3, ...) keeps no prefix.
+  helpful, rto, _, plain, prefixed = examples
+  assert plain.harmful_prefix == "" and plain.response == "Sorry, I can't help with that.<|im_end|>"
   assert helpful.prompt.endswith("<|im_start|>assistant\n")
   assert helpful.response == "Hello!<|im_end|>"
   assert rto.response == "First get a tension wrench and a pick.<|im_end|>"
   assert prefixed.harmful_prefix and not prefixed.harmful_prefix.startswith(" ")
   assert "First get a tension wrench".startswith(prefixed.harmful_prefix)
-  assert prefixed.response == " Sorry, I can't help with that.<|im_end|>"
+  assert prefixed.response == "Sorry, I can't help with that.<|im_end|>"
 
 
 def test_degenerate_refusals_are_told_apart():
@@ -169,3 +172,10 @@ def test_quick_run_writes_the_report(tmp_path, gguf_file, upstream, capsys):
   again = derta_main.run(config, tmp_path)
   assert again["distilled"]["reused"]
   assert again["train"]["derta"]["steps"] == config.realmodel.steps
+
+
+def test_default_model_is_the_installed_smollm2_file():
+  path = realmodel_run.default_gguf()
+  assert path.endswith(realmodel_run.SMOLLM2_FILE)
+  tok = load_tokenizer(path)
+  assert tok.encode("Sorry") == list(config_build.refusal_ids(smollm2_derta.get_config(), tok))

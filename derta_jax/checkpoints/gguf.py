@@ -148,6 +148,7 @@ class GGUFTensors:
     self.path = path
     self._gguf = gguf
     self.tensors, self.file_of = {}, {}
+    self._last: tuple[str | None, np.ndarray | None] = (None, None)
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     for t in reader.tensors:
       hf_name = _hf_name(t.name)
@@ -161,13 +162,16 @@ class GGUFTensors:
       self.tensors[hf_name] = (t, heads.get(kind))
       self.file_of[hf_name] = path.name
 
-  @functools.lru_cache(maxsize=4)  # noqa: B019 (one reader per load; freed with it)
   def _array(self, name: str) -> np.ndarray:
-    t, heads = self.tensors[name]
-    value = np.asarray(self._gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
-    # ggml lists dimensions innermost first: [cols, rows] is numpy's (rows, cols).
-    value = value.reshape([int(n) for n in reversed(t.shape)])
-    return unpermute(value, heads) if heads else value
+    # Every device's block of a tensor is read from one dequantized copy, kept until the
+    # next tensor is read (parameters are read one after another).
+    if self._last[0] != name:
+      t, heads = self.tensors[name]
+      value = np.asarray(self._gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+      # ggml lists dimensions innermost first: [cols, rows] is numpy's (rows, cols).
+      value = value.reshape([int(n) for n in reversed(t.shape)])
+      self._last = (name, unpermute(value, heads) if heads else value)
+    return self._last[1]
 
   def location(self, name: str) -> str:
     return f"{self.path} (tensor {self.tensors[name][0].name})"

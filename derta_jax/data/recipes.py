@@ -56,14 +56,17 @@ def build_recipe(name: str, *, triples: Sequence[Triple], helpful: Sequence[Help
                  seed: int = 0, epoch: int = 0, counts: dict[str, int] | None = None,
                  template: str | templates.ChatTemplate = "upstream",
                  eos_text: str = UPSTREAM_EOS,
-                 separator: str = " ", prefix_mode: str = "official_word",
+                 separator: str = " ", after_prefix: str = " ",
+                 prefix_mode: str = "official_word",
                  static: bool = False, tokenizer=None, **prefix_kwargs) -> list[Example]:
   """The examples of recipe `name` for one epoch (prefix cuts depend on seed and epoch).
 
   counts overrides the paper's counts per part ("rto", "prefix", "vanilla"). The RTO,
   prefix-MLE and vanilla parts all start from the first triple, as upstream. separator
   goes between prompt and response (upstream: one space; a chat template: none; a harmful
-  prefix takes its place, followed by a space); eos_text ends every response.
+  prefix takes its place, followed by `after_prefix`: a space upstream; "" starts the refusal
+  right at the cut, with the token RTO trains when the refusal word has no one-token form
+  after a space); eos_text ends every response.
   """
   if name not in RECIPES:
     raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
@@ -93,9 +96,9 @@ def build_recipe(name: str, *, triples: Sequence[Triple], helpful: Sequence[Help
     else:
       cuts = _prefix_cut(chosen, seed=seed, epoch=epoch, mode=prefix_mode, static=static,
                          tokenizer=tokenizer, **prefix_kwargs)
-      # After a harmful prefix the refusal follows a space, as the prefix's words do.
       examples += [Example(prompt(t.instruction),
-                           (" " if cut else separator) + t.safe_response + eos_text, "mle",
+                           (after_prefix if cut else separator) + t.safe_response + eos_text,
+                           "mle",
                            harmful_prefix=separator + cut.lstrip(" ") if cut else "")
                    for t, cut in zip(chosen, cuts, strict=True)]
   return examples

@@ -37,6 +37,7 @@ COMPLETION_FILE = "data/test/safety_completionattack.json"
 CODEATTACK_FILE = "data/test/safety_codeattack.json"
 # The upstream training prompt around an instruction ("### Instruction:\n{q}\n\n### Response:").
 _INSTRUCTION = re.compile(r"^### Instruction:\n(?P<q>.*)\n\n### Response:$", re.DOTALL)
+HELDOUT_WORDS = 120
 # Refusals for harmful requests; each starts with "Sorry" (data.refusal_text).
 REFUSALS = (
     "Sorry, I can't help with that. It could cause serious harm to people.",
@@ -134,6 +135,10 @@ def write_inputs(r, seed: int, directory: Path) -> Files:
   heldout = triples[r.n_train_harmful:]
   if r.n_heldout_harmful:
     heldout = heldout[:r.n_heldout_harmful]
+  # The prefilling attack reads at most the first 40 tokens of a held-out response and the
+  # probe's curve is read over its first hundred or so: longer tails only cost forward passes.
+  heldout = [dataclasses.replace(t, output=" ".join(t.output.split(" ")[:HELDOUT_WORDS]))
+             for t in heldout]
   formats.write_triples(triples[:r.n_train_harmful], files.triples)
   formats.write_triples(heldout, files.heldout_triples)
   formats.write_eval(benign[:r.n_helpful], files.helpful_questions)

@@ -16,7 +16,9 @@ interrupted one resumes), as in the toy world.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
@@ -102,17 +104,6 @@ def recipe_config(config, files: inputs.Files, name: str, gguf: str,
       "train.seq_len": r.seq_len, "optim.lr": r.lr})
 
 
-def refusal_tokens(config, tokenizer) -> tuple[int, ...]:
-  """data.refusal_text's token, plus its form after a space (" Sorry") when
-  realmodel.refusal_after_space: how the refusal word reads inside a started response."""
-  ids = config_build.refusal_ids(config, tokenizer)
-  if config.realmodel.refusal_after_space:
-    spaced = tokenizer.encode(" " + config.data.refusal_text)
-    if len(spaced) == 1 and spaced[0] not in ids:
-      ids = (*ids, spaced[0])
-  return tuple(ids)
-
-
 def evaluate_model(model, tokenizer, files: inputs.Files, config, workdir: Path,
                    refusal: tuple[int, ...]) -> dict:
   """Two evaluate calls: attacks, over-refusal and probe on held-out data; the held-out
@@ -128,6 +119,35 @@ def evaluate_model(model, tokenizer, files: inputs.Files, config, workdir: Path,
   benign = evaluate.evaluate(model, tokenizer, workdir=workdir / "benign",
                              suites=dict(over_refusal=files.benign_eval), **common)
   return dict(attacks=attacks, benign=benign, seconds=round(time.perf_counter() - start, 1))
+
+
+def _fingerprint(files: inputs.Files) -> str:
+  digest = hashlib.sha256()
+  for path in (files.heldout_triples, files.completion, files.codeattack, files.over_refusal,
+               files.benign_eval):
+    digest.update(path.read_bytes())
+  return digest.hexdigest()
+
+
+def base_evaluation(base, tokenizer, files: inputs.Files, config, workdir: Path,
+                    refusal: tuple[int, ...], gguf: str) -> dict:
+  """The base model's evaluation, reused when <workdir>/base holds one of the same model,
+  settings and held-out files (the base never changes between runs of the experiment)."""
+  stamp = json.loads(json.dumps(dict(
+      gguf=gguf, settings=dataclasses.asdict(eval_settings.from_config(config)),
+      judge=config.eval.judge, refusal=list(refusal), data=_fingerprint(files))))
+  stamp_path = workdir / "base" / "evaluated.json"
+  if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
+    evals = {}
+    for key, sub in (("attacks", "eval"), ("benign", "benign/eval")):
+      saved = json.loads((workdir / "base" / sub / "summary.json").read_text())
+      saved.pop("config", None)
+      evals[key] = saved
+    return dict(evals, seconds=0.0, reused=True)
+  _say("evaluating the base")
+  evals = evaluate_model(base, tokenizer, files, config, workdir / "base", refusal)
+  stamp_path.write_text(json.dumps(stamp, sort_keys=True))
+  return evals
 
 
 def _load(path, config):
@@ -150,7 +170,7 @@ def run(config, workdir: Path) -> dict:
   files = inputs.write_inputs(r, config.seed, workdir / "data")
   tokenizer = data.load_tokenizer(gguf)
   template = templates.resolve(templates.CHAT, tokenizer)
-  refusal = refusal_tokens(config, tokenizer)
+  refusal = config_build.refusal_ids(config, tokenizer)
   base = _load(gguf, config)
   _say(f"{gguf}: distilling the base's answers to {r.n_helpful} helpful questions")
   distilled = inputs.distill(
@@ -158,8 +178,7 @@ def run(config, workdir: Path) -> dict:
       batch_size=config.eval.batch_size,
       stamp=dict(gguf=str(gguf), tokenizer=tokenizer.fingerprint(), n=r.n_helpful,
                  seed=config.seed, max_new_tokens=r.distill_tokens))
-  _say("evaluating the base")
-  evals = {"base": evaluate_model(base, tokenizer, files, config, workdir / "base", refusal)}
+  evals = {"base": base_evaluation(base, tokenizer, files, config, workdir, refusal, gguf)}
   trained = {}
   for name in names:
     sub = recipe_config(config, files, name, gguf, refusal)
