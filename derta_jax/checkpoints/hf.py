@@ -29,9 +29,10 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from derta_jax import sharding as sharding_lib
 from derta_jax.checkpoints import finite, gguf
 from derta_jax.checkpoints.errors import CheckpointError
+from derta_jax.checkpoints.safetensors_dir import INDEX_FILE, read_json
+from derta_jax.checkpoints.safetensors_dir import SafetensorsDir as _SafetensorsDir
 from derta_jax.models import hf_config, llama
 
-INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Non-parameter buffers that some older LLaMA checkpoints carry; transformers drops them too.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -121,63 +122,6 @@ def _read_ours(read, layout: str, shape: tuple[int, ...], index: tuple[slice, ..
   return read((d, cols)).T.reshape(x.stop - x.start, h, d.stop - d.start)[:, hh]
 
 
-class _SafetensorsDir:
-  """Which file holds each tensor; lazy, sliced reads through safetensors' numpy API."""
-
-  def __init__(self, directory: Path, stack: contextlib.ExitStack):
-    index_path = directory / INDEX_FILE
-    if index_path.exists():
-      index = _read_json(index_path)
-      weight_map = index.get("weight_map")
-      if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index_path}: field 'weight_map' is missing or not an object")
-      files = sorted(set(weight_map.values()))
-    else:
-      files = sorted(p.name for p in directory.glob("*.safetensors"))
-      weight_map = None
-    if not files:
-      found = sorted(p.name for p in directory.iterdir())
-      raise CheckpointError(f"{directory}: no *.safetensors weights (found {found}); "
-                            "derta_jax never unpickles .bin/.pt files: convert them to "
-                            "safetensors first")
-    self.handles, self.file_of, self.directory = {}, {}, directory
-    for name in files:
-      path = directory / name
-      if not path.exists():
-        raise CheckpointError(f"{index_path}: lists {name}, which does not exist in {directory}")
-      try:
-        handle = stack.enter_context(safetensors.safe_open(path, framework="numpy"))
-      except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-      self.handles[name] = handle
-      for key in handle.keys():
-        if weight_map is None or weight_map.get(key) == name:
-          self.file_of[key] = name
-    if weight_map is not None:
-      absent = sorted(k for k, f in weight_map.items() if self.file_of.get(k) != f)
-      if absent:
-        raise CheckpointError(f"{index_path}: tensor {absent[0]} is listed in "
-                              f"{weight_map[absent[0]]} but not stored there")
-
-  def slice(self, name: str):
-    return self.handles[self.file_of[name]].get_slice(name)
-
-  def location(self, name: str) -> str:
-    return str(self.directory / self.file_of[name])
-
-
-def _read_json(path: Path) -> dict:
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: "
-                          f"{e.msg}") from None
-  if not isinstance(data, dict):
-    raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
-  return data
-
-
 def read_config(path: str | os.PathLike, **overrides) -> llama.LlamaConfig:
   """The LlamaConfig of the HF checkpoint directory or GGUF file `path` (with field
   overrides)."""
@@ -193,7 +137,7 @@ def read_config(path: str | os.PathLike, **overrides) -> llama.LlamaConfig:
   if not config_path.exists():
     raise FileNotFoundError(f"{config_path} not found: an HF checkpoint directory needs "
                             "config.json")
-  return _config_of(_read_json(config_path), config_path, overrides)
+  return _config_of(read_json(config_path), config_path, overrides)
 
 
 def _config_of(hf_dict: dict, where: Path, overrides: dict) -> llama.LlamaConfig:
