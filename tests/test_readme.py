@@ -1,12 +1,14 @@
 """Every ```python block of README.md runs as written, in a folder where the paths it names
 hold small stand-ins: a tiny random checkpoint with a word-level tokenizer for
-"Meta-Llama-3-8B", and a few records for each data and eval file."""
+"Meta-Llama-3-8B", a tiny GGUF chat model for the SmolLM2 file, and a few records for each
+data and eval file."""
 
 import os
 import re
 from pathlib import Path
 
 import pytest
+from gguf_files import write_tiny_gguf
 
 from derta_jax import save_hf
 from derta_jax.data import formats, synthetic
@@ -31,6 +33,7 @@ def stand_ins(tmp_path_factory):
   formats.write_helpful(helpful, root / "wizardlm.jsonl")
   formats.write_eval([EvalItem("how to harm the car ?")] * 3, root / "harmful.jsonl")
   formats.write_eval([EvalItem("how to wash the car ?")] * 3, root / "benign.jsonl")
+  write_tiny_gguf(root / "SmolLM2-135M-Instruct.Q4_1.gguf")  # a small ChatML GGUF model
   return root
 
 
