@@ -94,7 +94,11 @@ def recipe_config(config, files: inputs.Files, name: str, gguf: str,
   parts = dict(recipes.RECIPES[name])
   counts = {p: round(parts.get(p, 0) * r.n_train_harmful / 6000)
             for p in ("rto", "prefix", "vanilla")}
+  # A recipe without RTO does not depend on the keep-rate: leaving it at its default keeps a
+  # keep-rate change from making that recipe another experiment (and retraining it).
+  keep = config.loss.rto_keep_rate if counts["rto"] else 1.0
   return toy_run.derived(config, **{
+      "loss.rto_keep_rate": keep,
       "data.source": "recipe", "data.recipe": name, "data.n_rto": counts["rto"],
       "data.n_prefix": counts["prefix"], "data.n_vanilla": counts["vanilla"],
       "data.helpful_path": str(files.helpful), "data.triples_path": str(files.triples),
@@ -129,23 +133,37 @@ def _fingerprint(files: inputs.Files) -> str:
   return digest.hexdigest()
 
 
-def base_evaluation(base, tokenizer, files: inputs.Files, config, workdir: Path,
-                    refusal: tuple[int, ...], gguf: str) -> dict:
-  """The base model's evaluation, reused when <workdir>/base holds one of the same model,
-  settings and held-out files (the base never changes between runs of the experiment)."""
-  stamp = json.loads(json.dumps(dict(
-      gguf=gguf, settings=dataclasses.asdict(eval_settings.from_config(config)),
+def eval_stamp(config, files: inputs.Files, refusal: tuple[int, ...], model: str) -> dict:
+  """What an evaluation depends on: the model (GGUF path or weights' digest), the settings,
+  the judge, the refusal ids and the held-out files."""
+  return json.loads(json.dumps(dict(
+      model=model, settings=dataclasses.asdict(eval_settings.from_config(config)),
       judge=config.eval.judge, refusal=list(refusal), data=_fingerprint(files))))
-  stamp_path = workdir / "base" / "evaluated.json"
+
+
+def weights_digest(hf_dir: Path) -> str:
+  digest = hashlib.sha256()
+  for path in sorted(hf_dir.glob("*.safetensors")):
+    with open(path, "rb") as f:
+      while chunk := f.read(1 << 24):
+        digest.update(chunk)
+  return digest.hexdigest()
+
+
+def evaluation(load, tokenizer, files: inputs.Files, config, directory: Path,
+               refusal: tuple[int, ...], stamp: dict) -> dict:
+  """`evaluate_model` of `load()`, or the one saved in `directory` for the same `stamp` (a
+  re-run of the experiment re-evaluates only what changed)."""
+  stamp_path = directory / "evaluated.json"
   if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
     evals = {}
     for key, sub in (("attacks", "eval"), ("benign", "benign/eval")):
-      saved = json.loads((workdir / "base" / sub / "summary.json").read_text())
+      saved = json.loads((directory / sub / "summary.json").read_text())
       saved.pop("config", None)
       evals[key] = saved
     return dict(evals, seconds=0.0, reused=True)
-  _say("evaluating the base")
-  evals = evaluate_model(base, tokenizer, files, config, workdir / "base", refusal)
+  _say(f"evaluating {directory.name}")
+  evals = evaluate_model(load(), tokenizer, files, config, directory, refusal)
   stamp_path.write_text(json.dumps(stamp, sort_keys=True))
   return evals
 
@@ -178,15 +196,17 @@ def run(config, workdir: Path) -> dict:
       batch_size=config.eval.batch_size,
       stamp=dict(gguf=str(gguf), tokenizer=tokenizer.fingerprint(), n=r.n_helpful,
                  seed=config.seed, max_new_tokens=r.distill_tokens))
-  evals = {"base": base_evaluation(base, tokenizer, files, config, workdir, refusal, gguf)}
+  evals = {"base": evaluation(lambda: base, tokenizer, files, config, workdir / "base",
+                              refusal, eval_stamp(config, files, refusal, gguf))}
   trained = {}
   for name in names:
     sub = recipe_config(config, files, name, gguf, refusal)
     sub_dir = workdir / "recipes" / name
     _say(f"{name}: {sub.train.num_steps} training steps, then evaluation")
     trained[name] = toy_run.train_once(sub, sub_dir)
-    evals[name] = evaluate_model(_load(sub_dir / "hf", config), tokenizer, files, config,
-                                 sub_dir, refusal)
+    evals[name] = evaluation(
+        lambda d=sub_dir: _load(d / "hf", config), tokenizer, files, config, sub_dir, refusal,
+        eval_stamp(config, files, refusal, weights_digest(sub_dir / "hf")))
   summary = dict(mode="realmodel", workdir=str(workdir), gguf=str(gguf),
                  refusal_ids=list(refusal), distilled=distilled,
                  train={k: dict(steps=v["steps"], loss=v.get("loss"), seconds=v["seconds"])
