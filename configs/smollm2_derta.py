@@ -41,10 +41,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   r.lr = 5e-5
   r.global_batch = 8
   r.seq_len = 192
-  # A quarter of the RTO positions trained: at 0.05 (the authors' 8B setting, for 3,000 RTO
-  # examples over epochs) the RTO loss of 100 examples in 30 steps hardly moved, at 1.0 the
-  # model answered everything with "Sorry" (README, "DeRTa on a real model").
-  config.loss.rto_keep_rate = 0.25
+  # A tenth of the RTO positions trained: at 0.05 and lr 3e-5 the RTO loss of 100 examples in
+  # 30 steps hardly moved; at 0.25 and 1.0 the model refused most benign requests (README,
+  # "DeRTa on a real model", which also says how this value was chosen).
+  config.loss.rto_keep_rate = 0.1
   # SmolLM2 has "Sorry" as one token but " Sorry" as two: a refusal after a harmful prefix
   # starts at the cut, with the token RTO trains, so training shows what follows it.
   config.data.after_prefix = ""

@@ -22,7 +22,7 @@ from absl import logging
 RESUMABLE = ("mode", "train.num_steps", "train.epochs", "train.log_every",
              "train.micro_batches", "train.tpu_compiler_options", "train.divergence",
              "model.remat", "model.attention", "data.max_truncated_fraction", "mesh", "ckpt",
-             "resume", "export", "eval", "compile", "toyworld")
+             "resume", "export", "eval", "compile", "toyworld", "realmodel")
 TOKENIZER = "tokenizer"  # the stored record's key next to the config's sections
 
 
