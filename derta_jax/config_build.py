@@ -105,7 +105,7 @@ def resolved_model_config(config: ml_collections.ConfigDict) -> llama.LlamaConfi
   m = config.model
   if config.init.hf_path and not m.preset:
     return hf.read_config(config.init.hf_path, dtype=m.dtype, param_dtype=m.param_dtype,
-                          scan_layers=m.scan_layers, remat=m.remat)
+                          scan_layers=m.scan_layers, remat=m.remat, attention=m.attention)
   return model_config(config)
 
 
@@ -126,7 +126,7 @@ def build_model(config: ml_collections.ConfigDict, mesh=None) -> llama.Llama:
                          "--config.model.preset='' to take the checkpoint's architecture")
     return hf.load_hf(config.init.hf_path, dtype=jnp.dtype(m.param_dtype), mesh=mesh,
                       compute_dtype=jnp.dtype(m.dtype), scan_layers=m.scan_layers,
-                      remat=m.remat)
+                      remat=m.remat, attention=m.attention)
   if not m.preset:
     raise ValueError("model.preset is '' and init.hf_path is unset: nothing says which "
                      f"model to build; choose a preset of {sorted(llama.PRESETS)}")

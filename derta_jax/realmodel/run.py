@@ -170,7 +170,8 @@ def evaluation(load, tokenizer, files: inputs.Files, config, directory: Path,
 
 def _load(path, config):
   return hf.load_hf(path, dtype=jnp.dtype(config.model.param_dtype),
-                    compute_dtype=jnp.dtype(config.model.dtype))
+                    compute_dtype=jnp.dtype(config.model.dtype),
+                    attention=config.model.attention)
 
 
 def _say(message: str) -> None:
