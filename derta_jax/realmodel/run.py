@@ -51,15 +51,7 @@ def default_gguf() -> str:
 def check_config(config) -> tuple[list[str], str]:
   """(recipe names, GGUF path); one ValueError names every bad realmodel.<key>."""
   r = config.realmodel
-  names = [n.strip() for n in r.recipes.split(",") if n.strip()]
-  problems = []
-  unknown = sorted(set(names) - set(recipes.RECIPES))
-  if not names or unknown or len(set(names)) != len(names):
-    problems.append(f"realmodel.recipes={r.recipes!r}: give distinct names of "
-                    f"{sorted(recipes.RECIPES)}")
-  for key in _COUNTS:
-    if isinstance(r[key], bool) or not isinstance(r[key], int) or r[key] < 1:
-      problems.append(f"realmodel.{key}={r[key]!r} must be an int >= 1")
+  names, problems = toy_run.section_problems(config, "realmodel", _COUNTS)
   if not r.lr > 0:
     problems.append(f"realmodel.lr={r.lr!r} must be > 0")
   if not r.upstream_dir:

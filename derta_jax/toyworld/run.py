@@ -35,18 +35,27 @@ from derta_jax.training import loop
 _TRAINING_KEYS = ("seed", "model", "init", "data", "loss", "train", "optim", "lora")
 
 
-def check_config(config) -> list[str]:
-  """The recipe names; one ValueError names every bad toyworld.<key> and eval.<key>."""
-  w = config.toyworld
-  names = [n.strip() for n in w.recipes.split(",") if n.strip()]
+def section_problems(config, section: str, counts) -> tuple[list[str], list[str]]:
+  """(recipe names of config.<section>.recipes, problems with them and with the `counts`
+  keys, each of which must be an int >= 1)."""
+  c = config[section]
+  names = [n.strip() for n in c.recipes.split(",") if n.strip()]
   problems = []
   unknown = sorted(set(names) - set(recipes.RECIPES))
   if not names or unknown or len(set(names)) != len(names):
-    problems.append(f"toyworld.recipes={w.recipes!r}: give distinct names of "
+    problems.append(f"{section}.recipes={c.recipes!r}: give distinct names of "
                     f"{sorted(recipes.RECIPES)}")
-  for key in ("base_steps", "steps", "n_safety", "global_batch", "seq_len", "eval_benign"):
-    if isinstance(w[key], bool) or not isinstance(w[key], int) or w[key] < 1:
-      problems.append(f"toyworld.{key}={w[key]!r} must be an int >= 1")
+  for key in counts:
+    if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < 1:
+      problems.append(f"{section}.{key}={c[key]!r} must be an int >= 1")
+  return names, problems
+
+
+def check_config(config) -> list[str]:
+  """The recipe names; one ValueError names every bad toyworld.<key> and eval.<key>."""
+  w = config.toyworld
+  names, problems = section_problems(config, "toyworld", (
+      "base_steps", "steps", "n_safety", "global_batch", "seq_len", "eval_benign"))
   for key in ("base_lr", "lr"):
     if not w[key] > 0:
       problems.append(f"toyworld.{key}={w[key]!r} must be > 0")
