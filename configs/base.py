@@ -56,7 +56,10 @@ def _data() -> ml_collections.ConfigDict:
   # same from the ArrayRecord files of derta_jax.data.tfds.prepare in tfds_dir) or
   # "upstream" (the authors' {"prefix","text","safe"} files, comma-separated).
   c.source = "synthetic"
-  # vanilla | recaug | derta | harmful_prefix | rto_only.
+  # vanilla | recaug | derta | harmful_prefix | rto_only, or a rival's: dpo (safe vs
+  # harmful response pairs) | qi (token-level harmful prefixes) | door (prefix refusals +
+  # harmful responses to unlearn) | circuit_breaker (refusals to retain + harmful responses
+  # to reroute); derta_jax/data/recipes.py.
   c.recipe = "derta"
   # JSONL paths (local or gs://).
   c.triples_path = ""
@@ -88,6 +91,8 @@ def _data() -> ml_collections.ConfigDict:
   c.n_rto = -1
   c.n_prefix = -1
   c.n_vanilla = -1
+  c.n_pair = -1
+  c.n_harm = -1
   # Fail a run when more than this share of an epoch's examples is longer than
   # train.seq_len and would be cut (how many are cut is in the summary and metrics).
   c.max_truncated_fraction = 0.05
@@ -111,6 +116,35 @@ def _loss() -> ml_collections.ConfigDict:
   c.chunk_size = 512
   # Share of RTO positions trained per example (the authors' 8B run: 0.05).
   c.rto_keep_rate = 1.0
+  # What is trained: "derta" (MLE + RTO; also vanilla, recaug and the ablations), a rival
+  # (derta_jax/losses/objectives.py): "dpo", "qi", "door", "circuit_breaker", or "auto":
+  # the rival named like data.recipe, else "derta". Rivals read a frozen reference model:
+  # the weights at the start of fine-tuning (held in model.dtype), or with LoRA the base
+  # with its adapters off.
+  c.objective = "auto"
+  # DPO: beta, and the weight of an extra SFT term (mean NLL) on the chosen responses.
+  c.dpo_beta = 0.1
+  c.dpo_sft_weight = 0.0
+  # Qi et al.'s token-wise constraint: beta of the first response tokens, then of the rest
+  # (their schedule: 0.5 for the first token, 2 for the next four, 0.1 after).
+  c.qi_betas = (0.5, 2.0, 2.0, 2.0, 2.0)
+  c.qi_beta_rest = 0.1
+  # DOOR: NPO's beta and alpha (alpha * (refusal NLL + NPO) + (1 - alpha) * utility NLL, each
+  # summed per sequence and averaged over sequences, as the DOOR authors' code).
+  c.npo_beta = 0.5
+  c.door_alpha = 0.2
+  # W-DOOR: a weighting model (an HF directory or GGUF file of the same architecture, the
+  # DOOR authors use a DPO-trained model) whose log-ratio to the reference weights the
+  # refusal tokens, exp((log pi_ref - log pi_weighting) / tau); "" = plain DOOR.
+  c.wdoor_path = ""
+  c.wdoor_tau = 5.0
+  # Circuit breakers (LoRA only): alpha of the coefficient schedule c_reroute = alpha (1 -
+  # s / 2S), c_retain = alpha s / 2S, and the decoder layers (0-based block outputs; the
+  # authors' "10,20" of HF hidden_states are blocks 9 and 19) whose hidden states are
+  # rerouted and retained; () = retain on every layer.
+  c.cb_alpha = 10.0
+  c.cb_reroute_layers = (9, 19)
+  c.cb_retain_layers = ()
   return c
 
 
@@ -204,8 +238,9 @@ def _lora() -> ml_collections.ConfigDict:
 
 def _toyworld() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # Recipes fine-tuned from the base, in the report's order.
-  c.recipes = "vanilla,recaug,rto_only,derta"
+  # Recipes fine-tuned from the base, in the report's order: DeRTa, its baselines and
+  # ablation, and its rivals (each trains its own objective, loss.objective "auto").
+  c.recipes = "vanilla,recaug,rto_only,derta,dpo,qi,door,circuit_breaker"
   # Objects held out per verb: those pairs are in no training file, only in evaluation.
   c.heldout_per_verb = 6
   # Share of benign train pairs also in the helpful data wrapped as code (never harmful ones).
@@ -218,6 +253,9 @@ def _toyworld() -> ml_collections.ConfigDict:
   # Each recipe's fine-tuning from the base: steps, peak lr (schedule etc. from optim).
   c.steps = 120
   c.lr = 1e-3
+  # Circuit breakers train LoRA adapters (alpha = rank) at their own peak lr.
+  c.cb_lora_rank = 16
+  c.cb_lr = 1e-3
   # Safety examples per recipe, split into RTO / prefix-MLE / vanilla parts as the paper's
   # 6,000 are (derta: half RTO, half prefix-MLE on the same questions).
   c.n_safety = 288
@@ -331,6 +369,9 @@ def _realmodel() -> ml_collections.ConfigDict:
   c.lr = 2e-5
   c.global_batch = 8
   c.seq_len = 256
+  # Circuit breakers train LoRA adapters (alpha = rank) at their own peak lr.
+  c.cb_lora_rank = 16
+  c.cb_lr = 1e-4
   return c
 
 

@@ -40,6 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.max_new_tokens = 40
   config.eval.batch_size = 64
   config.eval.prefill_ks = "0,2,5,10,15,20"
+  # Circuit breakers reroute both blocks of the two-layer preset (and retain both).
+  config.loss.cb_reroute_layers = (0, 1)
   if arg == "quick":  # base, vanilla and derta only, shorter: for tests (about a minute)
     config.toyworld.recipes = "vanilla,derta"
     config.toyworld.base_steps = 200

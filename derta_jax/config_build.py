@@ -21,6 +21,7 @@ from derta_jax import data, losses, optim, sharding
 from derta_jax.checkpoints import hf, orbax
 from derta_jax.data import synthetic, templates
 from derta_jax.data import tfds as tfds_data
+from derta_jax.losses import objectives
 from derta_jax.models import llama, lora
 
 _ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
@@ -200,11 +201,80 @@ def optimizer(config, num_steps: int):
       b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm)
 
 
-def loss_config(config, refusal_ids) -> losses.LossConfig:
+def objective(config) -> str:
+  """loss.objective, with "auto" resolved from data.recipe."""
+  name = config.loss.objective
+  if name == "auto":
+    return config.data.recipe if config.data.recipe in objectives.OBJECTIVES else "derta"
+  return name
+
+
+def loss_config(config, refusal_ids, num_steps: int = 1) -> losses.LossConfig:
   lo = config.loss
-  return losses.LossConfig(refusal_ids=tuple(refusal_ids), rto_weight=lo.rto_weight,
-                           normalize=lo.normalize, z_loss=lo.z_loss, chunk_size=lo.chunk_size,
-                           rto_keep_rate=lo.rto_keep_rate, seed=config.seed)
+  retain = tuple(lo.cb_retain_layers)
+  if objective(config) == "circuit_breaker" and not retain:
+    retain = tuple(range(resolved_model_config(config).n_layers))
+  return losses.LossConfig(
+      refusal_ids=tuple(refusal_ids), rto_weight=lo.rto_weight, normalize=lo.normalize,
+      z_loss=lo.z_loss, chunk_size=lo.chunk_size, rto_keep_rate=lo.rto_keep_rate,
+      seed=config.seed, objective=objective(config), dpo_beta=lo.dpo_beta,
+      dpo_sft_weight=lo.dpo_sft_weight, qi_betas=tuple(float(b) for b in lo.qi_betas),
+      qi_beta_rest=lo.qi_beta_rest, npo_beta=lo.npo_beta, door_alpha=lo.door_alpha,
+      wdoor_tau=lo.wdoor_tau if lo.wdoor_path else 0.0, cb_alpha=lo.cb_alpha,
+      cb_reroute_layers=tuple(int(i) for i in lo.cb_reroute_layers),
+      cb_retain_layers=tuple(int(i) for i in retain), total_steps=max(1, int(num_steps)))
+
+
+# Recipe parts each objective trains on; a part it would ignore is a config error.
+_OBJECTIVE_PARTS = {"derta": ("rto", "prefix", "vanilla"), "dpo": ("pair", "prefix", "vanilla"),
+                    "qi": ("prefix", "vanilla"), "door": ("prefix", "vanilla", "harm"),
+                    "circuit_breaker": ("prefix", "vanilla", "harm")}
+
+
+def objective_problems(config) -> list[str]:
+  """What is wrong with the loss.* keys of the rival objectives, each naming key and value."""
+  lo, name = config.loss, config.loss.objective
+  if name != "auto" and name not in objectives.OBJECTIVES:
+    return [f"loss.objective={name!r}; choose 'auto' or one of {objectives.OBJECTIVES}"]
+  name, problems = objective(config), []
+  if name in ("dpo", "door", "circuit_breaker") and config.data.source == "upstream":
+    problems.append(f"loss.objective={name!r} trains on recipe parts (pairs, harmful "
+                    "responses) that the upstream format does not have; use data.source="
+                    f"'recipe' with data.recipe={name!r}")
+  if config.data.source != "upstream" and config.data.recipe in data.RECIPES:
+    ignored = sorted(set(dict(data.RECIPES[config.data.recipe])) - set(_OBJECTIVE_PARTS[name]))
+    if ignored:
+      problems.append(f"data.recipe={config.data.recipe!r} has parts {ignored} that "
+                      f"loss.objective={name!r} does not train on; pick the matching "
+                      "objective (or loss.objective='auto')")
+  for key in ("dpo_beta", "npo_beta", "qi_beta_rest", "wdoor_tau", "cb_alpha"):
+    if not lo[key] > 0:
+      problems.append(f"loss.{key}={lo[key]!r} must be > 0")
+  if not all(b > 0 for b in lo.qi_betas):
+    problems.append(f"loss.qi_betas={tuple(lo.qi_betas)!r} must all be > 0")
+  if not 0.0 <= lo.door_alpha <= 1.0 or lo.dpo_sft_weight < 0:
+    problems.append(f"loss.door_alpha={lo.door_alpha!r} must be in [0, 1] and "
+                    f"loss.dpo_sft_weight={lo.dpo_sft_weight!r} >= 0")
+  if name == "circuit_breaker":
+    n_layers = resolved_model_config(config).n_layers
+    layers = tuple(lo.cb_reroute_layers) + tuple(lo.cb_retain_layers)
+    if not lo.cb_reroute_layers or any(not 0 <= i < n_layers for i in layers):
+      problems.append(f"loss.cb_reroute_layers={tuple(lo.cb_reroute_layers)!r}, "
+                      f"loss.cb_retain_layers={tuple(lo.cb_retain_layers)!r}: give block "
+                      f"indices in [0, {n_layers}) (at least one to reroute)")
+    if not config.lora.rank:
+      problems.append("loss.objective='circuit_breaker' trains LoRA adapters (the reference "
+                      "is the base with its adapters off): set lora.rank > 0")
+  if lo.wdoor_path and name != "door":
+    problems.append(f"loss.wdoor_path={lo.wdoor_path!r} weights DOOR's refusal tokens; "
+                    f"loss.objective is {name!r}")
+  return problems
+
+
+def weighting_model(config, mesh) -> llama.Llama:
+  """W-DOOR's weighting model from loss.wdoor_path, in model.param_dtype, on the mesh."""
+  return hf.load_hf(config.loss.wdoor_path, dtype=jnp.dtype(config.model.param_dtype),
+                    compute_dtype=jnp.dtype(config.model.dtype), mesh=mesh)
 
 
 def check_train_config(config) -> None:
@@ -240,6 +310,7 @@ def check_train_config(config) -> None:
     problems.append(f"model.attention='splash' runs on TPU only (this is {jax.default_backend()}"
                     "); use 'xla' (mode=compile checks a TPU step from any machine)")
   problems += lora_problems(config.lora)
+  problems += objective_problems(config)
   if problems:
     raise ValueError("; ".join(problems))
 
@@ -356,7 +427,8 @@ def training_data(config, workdir: Path):
   if d.source == "upstream":
     return tokenizer, (lambda epoch: examples), ids
   counts = {k: v for k, v in (("rto", d.n_rto), ("prefix", d.n_prefix),
-                              ("vanilla", d.n_vanilla)) if v >= 0 and k in
+                              ("vanilla", d.n_vanilla), ("pair", d.n_pair),
+                              ("harm", d.n_harm)) if v >= 0 and k in
             dict(data.RECIPES.get(d.recipe, ()))}
   template = templates.resolve(d.template, tokenizer)
   eos_text = d.eos_text or getattr(template, "eos_text", tokenizer.decode([tokenizer.eos_id]))

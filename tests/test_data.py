@@ -1,5 +1,6 @@
 """Prefix sampler, recipes, tokenizers, encoding and the batch pipeline."""
 
+import collections
 import json
 import os
 
@@ -126,13 +127,22 @@ def test_recipes_write_the_authors_records(tmp_path, name):
                                                                        ks)
 
 
-def test_recipe_sizes_and_ablations():
+def test_recipe_sizes_and_ablations(llama3):
   triples, helpful = _triples(7000), _helpful(30)
-  kinds = lambda ex: [e.kind for e in ex]  # noqa: E731
-  for name, n_rto, n_mle in [("vanilla", 0, 6030), ("recaug", 0, 6030), ("derta", 3000, 3030),
-                             ("harmful_prefix", 0, 3030), ("rto_only", 3000, 3030)]:
-    ex = data.build_recipe(name, triples=triples, helpful=helpful)
-    assert (kinds(ex).count("rto"), kinds(ex).count("mle")) == (n_rto, n_mle), name
+  expected = {"vanilla": dict(safe=6000), "recaug": dict(safe=6000),
+              "derta": dict(rto=3000, safe=3000), "harmful_prefix": dict(safe=3000),
+              "rto_only": dict(rto=3000, safe=3000), "dpo": dict(pair=6000),
+              "qi": dict(safe=6000), "door": dict(safe=6000, harm=6000),
+              "circuit_breaker": dict(safe=6000, harm=6000)}
+  assert set(expected) == set(data.RECIPES)
+  for name, kinds in expected.items():
+    ex = data.build_recipe(name, triples=triples, helpful=helpful, tokenizer=llama3)
+    assert collections.Counter(e.kind for e in ex) == dict(kinds, mle=30), name
+    # Helpful first, then the parts in the recipe's order, each from the first triple.
+    assert [e.kind for e in ex[:30]] == ["mle"] * 30, name
+    assert [e.prompt for e in ex[30:]] == [f"[INST] {t.instruction} [\\INST]"
+                                           for _, n in data.RECIPES[name]
+                                           for t in triples[:n]], name
   derta = data.build_recipe("derta", triples=triples, helpful=helpful)
   rto_prompts = [e.prompt for e in derta if e.kind == "rto"]
   prefix_prompts = [e.prompt for e in derta if e.harmful_prefix]
@@ -144,7 +154,7 @@ def test_recipe_sizes_and_ablations():
   with pytest.raises(ValueError, match="no 'vanilla' part"):
     data.build_recipe("derta", triples=triples, helpful=helpful, counts={"vanilla": 5})
   with pytest.raises(ValueError, match="unknown recipe"):
-    data.build_recipe("dpo", triples=triples, helpful=helpful)
+    data.build_recipe("orpo", triples=triples, helpful=helpful)
 
 
 def test_epochs_recut_prefixes_unless_static():
@@ -229,14 +239,16 @@ def test_truncation_cuts_harmful_prefix_then_response_never_all_of_it(llama3):
   ex = Example("[INST] question here [\\INST]", " " + " ".join(["word"] * 30),
                "mle", " harmful " * 20)
   parts = tokenize.tokenize_examples([ex], llama3)[0]
-  n_prompt, n_harm, n_resp = map(len, parts)
+  n_prompt, n_harm, n_resp, n_rejected = map(len, parts)
+  assert n_rejected == 0
   stats = tokenize.EncodeStats()
   fitted = tokenize.fit_example(parts, 1 + n_prompt + n_resp + 5, stats)
-  assert list(map(len, fitted)) == [n_prompt, 5, n_resp] and stats.harmful_prefix_shortened == 1
+  assert list(map(len, fitted)) == [n_prompt, 5, n_resp, 0]
+  assert stats.harmful_prefix_shortened == 1
   fitted = tokenize.fit_example(parts, 1 + n_prompt + 3, stats)
-  assert list(map(len, fitted)) == [n_prompt, 0, 3] and stats.response_truncated == 1
+  assert list(map(len, fitted)) == [n_prompt, 0, 3, 0] and stats.response_truncated == 1
   fitted = tokenize.fit_example(parts, 4, stats)
-  assert list(map(len, fitted)) == [2, 0, 1] and stats.prompt_truncated == 1
+  assert list(map(len, fitted)) == [2, 0, 1, 0] and stats.prompt_truncated == 1
   out = data.encode([ex] * 3, llama3, seq_len=1 + n_prompt + 3)
   assert out.stats.harmful_prefix_shortened == 3 and out.stats.response_truncated == 3
   assert int(out["mle_mask"].sum()) == 3 * 3
@@ -332,7 +344,7 @@ def test_process_slices_partition_the_global_batch(llama3):
 def test_epochs_resample_prefixes_and_batches_feed_the_loss(llama3):
   p = _pipeline(llama3)
   cut = lambda e: sorted(len(f[1]) for f, kind in zip(p.epoch(e).fitted, p.epoch(e).kinds,  # noqa: E731
-                                                       strict=True) if kind == "mle")
+                                                       strict=True) if kind == "safe")
   assert cut(0) != cut(1)
   batch = p.batch(p.steps_in_epoch(0))  # the first step of epoch 1
   assert p.locate(p.steps_in_epoch(0)) == (1, 0)

@@ -1,7 +1,8 @@
 """Streaming JSONL readers and writers for the four data formats, one JSON object a line.
 
   upstream  {"prefix": str, "text": str, "safe": "true"|"false"}  -> Example
-            ("true" marks an RTO row, "false" an MLE row; the authors' training format)
+            ("true" marks an RTO row, "false" an MLE row; the authors' training format,
+            which writes "safe" examples as MLE rows and has no form for "harm" or "pair")
   triples   {"instruction": str, "output": str, "safe_response": str}  -> Triple
   helpful   {"instruction": str, "output": str}  -> Helpful
   eval      {"question": str[, "answer": str][, "type": str, "safe": bool]}  -> EvalItem
@@ -30,6 +31,9 @@ from absl import logging
 from etils import epath
 
 from derta_jax.data.records import DataError, EvalItem, Example, Helpful, Triple
+
+# The kinds of the Examples an upstream file gives.
+UPSTREAM_KINDS = ("mle", "rto")
 
 PathLike = str | os.PathLike
 ON_ERROR = ("raise", "skip")
@@ -268,7 +272,10 @@ def _write(path: PathLike, records: Iterable[Any], cls: type, to_obj, parse) -> 
         where = f"{name}: record {count}"
         if not isinstance(record, cls):
           raise TypeError(f"{where}: expected {cls.__name__}, got {type(record).__name__}")
-        obj = to_obj(record)
+        try:
+          obj = to_obj(record)
+        except DataError as e:
+          raise DataError(f"{where}: {e}") from None
         # A file the readers would reject is never written.
         parse(obj, where)
         f.write((json.dumps(obj) + "\n").encode("utf-8"))
@@ -281,6 +288,10 @@ def _write(path: PathLike, records: Iterable[Any], cls: type, to_obj, parse) -> 
 
 
 def _upstream_obj(ex: Example) -> dict:
+  if ex.kind not in ("mle", "safe", "rto"):
+    raise DataError(f"an Example of kind {ex.kind!r} has no upstream form (it holds RTO rows "
+                    "and MLE rows, which 'mle' and 'safe' examples both become); keep it in "
+                    "memory or as triples")
   return {"prefix": ex.prompt + ex.harmful_prefix, "text": ex.response,
           "safe": "true" if ex.kind == "rto" else "false"}
 

@@ -1,7 +1,8 @@
 """Global batches as a pure function of (seed, step), each process building only its rows.
 
 Epoch e: the examples of that epoch (a recipe re-cuts its harmful prefixes every epoch), in
-a permutation seeded by (seed, e), packed into rows in that order; the epoch has
+a permutation seeded by (seed, e) (a preference pair is one example, so its two halves
+stay in one row), packed into rows in that order; the epoch has
 rows // global_batch steps (the remainder rows are dropped and counted). Step s maps to
 (epoch, batch within epoch) by walking the epochs' step counts, so nothing but the step
 is needed to resume, whatever the number of hosts. Process p of P takes rows
@@ -70,7 +71,7 @@ class Pipeline:
                           strict=True)
       for f in flags:
         stats.add(f)
-      lengths = [1 + len(a) + len(b) + len(c) for a, b, c in fitted]
+      lengths = [tokenize.unit_length(f) for f in fitted]
       rows = (tokenize.pack_rows(lengths, self.seq_len, window=self.window) if self.pack
               else [[i] for i in range(len(examples))])
       if len(rows) < self.global_batch:

@@ -14,6 +14,16 @@ The paper's ablations remove one half of DeRTa each:
 Differences: k comes from `sampler` (seeded, resampled per epoch); triples whose harmful
 response has fewer than 3 words keep k = 0 instead of being dropped (upstream drops them
 from the prefix-MLE and vanilla lists only, which shifts those lists against the RTO list).
+DeRTa's rivals, from the same triples (not in the authors' script, which has no format for
+them; each part starts from the first triple, so the parts of a mixture share questions):
+  dpo             = helpful + 6,000 pairs   (chosen " " + s + E, rejected " " + h + E)
+  qi              = helpful + 6,000 prefix-MLE with the harmful prefix cut in tokens of the
+                    tokenizer given (Qi et al.'s augmentation), whatever prefix_mode says
+  door            = helpful + 6,000 prefix-MLE + 6,000 harm   (refusal training + NPO)
+  circuit_breaker = helpful + 6,000 vanilla + 6,000 harm      (retain + reroute)
+where a harm example is prefix T(q), text " " + h + E, trained on its own tokens.
+Safety examples (vanilla and prefix-MLE) have kind "safe", helpful ones "mle": both are MLE
+targets alike, and only objectives that tell safety from utility data look at the difference.
 """
 
 from __future__ import annotations
@@ -25,14 +35,21 @@ from absl import logging
 from derta_jax.data import sampler, templates
 from derta_jax.data.records import Example, Helpful, Triple
 
-# name -> ((part, count), ...) with the paper's counts.
+# name -> ((part, count), ...): the paper's counts; the rivals use its 6,000 questions.
 RECIPES = {
     "vanilla": (("vanilla", 6000),),
     "recaug": (("prefix", 6000),),
     "derta": (("rto", 3000), ("prefix", 3000)),
     "harmful_prefix": (("prefix", 3000),),
     "rto_only": (("rto", 3000), ("vanilla", 3000)),
+    "dpo": (("pair", 6000),),
+    "qi": (("prefix", 6000),),
+    "door": (("prefix", 6000), ("harm", 6000)),
+    "circuit_breaker": (("vanilla", 6000), ("harm", 6000)),
 }
+PARTS = ("rto", "prefix", "vanilla", "pair", "harm")
+# Recipes whose harmful prefixes are cut in tokens, whatever prefix_mode is given.
+TOKEN_CUT = ("qi",)
 UPSTREAM_EOS = "<|end_of_text|>"
 
 
@@ -61,22 +78,26 @@ def build_recipe(name: str, *, triples: Sequence[Triple], helpful: Sequence[Help
                  static: bool = False, tokenizer=None, **prefix_kwargs) -> list[Example]:
   """The examples of recipe `name` for one epoch (prefix cuts depend on seed and epoch).
 
-  counts overrides the paper's counts per part ("rto", "prefix", "vanilla"). The RTO,
-  prefix-MLE and vanilla parts all start from the first triple, as upstream. separator
-  goes between prompt and response (upstream: one space; a chat template: none; a harmful
-  prefix takes its place, followed by `after_prefix`: a space upstream; "" starts the refusal
-  right at the cut, with the token RTO trains when the refusal word has no one-token form
-  after a space); eos_text ends every response.
+  counts overrides the paper's counts per part (PARTS). Every part starts from the first
+  triple, as upstream. separator goes between prompt and response (upstream: one space; a
+  chat template: none; a harmful prefix takes its place, followed by `after_prefix`: a space
+  upstream; "" starts the refusal right at the cut, with the token RTO trains when the
+  refusal word has no one-token form after a space); eos_text ends every response. Recipes
+  in TOKEN_CUT cut in tokens of `tokenizer` (prefix_mode "token", whatever is given).
   """
   if name not in RECIPES:
     raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
   parts = dict(RECIPES[name])
   for part, count in (counts or {}).items():
-    if part not in ("rto", "prefix", "vanilla"):
-      raise ValueError(f"counts has unknown part {part!r}; parts: rto, prefix, vanilla")
+    if part not in PARTS:
+      raise ValueError(f"counts has unknown part {part!r}; parts: {', '.join(PARTS)}")
     if part not in parts:
       raise ValueError(f"recipe {name!r} has no {part!r} part; it has {sorted(parts)}")
     parts[part] = int(count)
+  if name in TOKEN_CUT:
+    if tokenizer is None:
+      raise ValueError(f"recipe {name!r} cuts harmful prefixes in tokens; pass tokenizer=")
+    prefix_mode = "token"
   for part, count in parts.items():
     if count > len(triples):
       logging.warning("recipe %s: %d %s examples asked for, only %d triples; using %d",
@@ -86,19 +107,23 @@ def build_recipe(name: str, *, triples: Sequence[Triple], helpful: Sequence[Help
   examples = [Example(prompt(h.instruction), separator + h.output + eos_text, "mle")
               for h in helpful]
   for part, count in parts.items():
-    chosen = triples[:count]
-    if part == "rto":
-      examples += [Example(prompt(t.instruction), separator + t.output + eos_text, "rto")
-                   for t in chosen]
+    used = triples[:count]
+    if part in ("rto", "harm"):
+      examples += [Example(prompt(t.instruction), separator + t.output + eos_text, part)
+                   for t in used]
+    elif part == "pair":
+      examples += [Example(prompt(t.instruction), separator + t.safe_response + eos_text, "pair",
+                           rejected=separator + t.output + eos_text)
+                   for t in used]
     elif part == "vanilla":
-      examples += [Example(prompt(t.instruction), separator + t.safe_response + eos_text, "mle")
-                   for t in chosen]
+      examples += [Example(prompt(t.instruction), separator + t.safe_response + eos_text, "safe")
+                   for t in used]
     else:
-      cuts = _prefix_cut(chosen, seed=seed, epoch=epoch, mode=prefix_mode, static=static,
+      cuts = _prefix_cut(used, seed=seed, epoch=epoch, mode=prefix_mode, static=static,
                          tokenizer=tokenizer, **prefix_kwargs)
       examples += [Example(prompt(t.instruction),
                            (after_prefix if cut else separator) + t.safe_response + eos_text,
-                           "mle",
+                           "safe",
                            harmful_prefix=separator + cut.lstrip(" ") if cut else "")
-                   for t, cut in zip(chosen, cuts, strict=True)]
+                   for t, cut in zip(used, cuts, strict=True)]
   return examples

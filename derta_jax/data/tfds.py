@@ -10,7 +10,8 @@ Writes `{data_dir}/{name}/{fmt}/1.0.0/`. Neither building nor reading needs Tens
 `file_format="array_record"`, TFDS serializes through its own protos and the `array_record`
 package, and reads with `tfds.data_source`-style numpy decoding. Records keep the order of
 the source files (the builder disables TFDS's write-time shuffle and keys records by their
-position), so an index into the source is a stable example id. A gs:// data_dir goes
+position), so an index into the source is a stable example id. An upstream file holds
+Examples of the kinds "mle" and "rto" only, and they are stored as such. A gs:// data_dir goes
 through etils.epath, which without TensorFlow needs the `gcsfs` package.
 """
 
@@ -27,7 +28,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from derta_jax.data import formats
-from derta_jax.data.records import KINDS, DataError, EvalItem, Example, Helpful, Triple
+from derta_jax.data.records import DataError, EvalItem, Example, Helpful, Triple
 
 DEFAULT_NAME = "derta_data"
 Record = Example | Triple | Helpful | EvalItem
@@ -59,19 +60,30 @@ def _check_fmt(fmt: str) -> _Format:
   return FORMATS[fmt]
 
 
+def _fields(fmt: str) -> list[str]:
+  """The record's fields a dataset of format `fmt` stores: an upstream file has no pairs,
+  so an Example is stored without `rejected`."""
+  return [f.name for f in dataclasses.fields(FORMATS[fmt].record)
+          if not (fmt == "upstream" and f.name == "rejected")]
+
+
 def _features(fmt: str) -> tfds.features.FeaturesDict:
-  fields = {f.name: tfds.features.Text() for f in dataclasses.fields(FORMATS[fmt].record)}
+  fields = {name: tfds.features.Text() for name in _fields(fmt)}
   if fmt == "upstream":
-    fields["kind"] = tfds.features.ClassLabel(names=list(KINDS))
+    fields["kind"] = tfds.features.ClassLabel(names=list(formats.UPSTREAM_KINDS))
   return tfds.features.FeaturesDict(fields)
 
 
-def _to_feature_dict(record: Record) -> dict[str, Any]:
+def _to_feature_dict(fmt: str, record: Record) -> dict[str, Any]:
   # TFDS has no optional Text, so a missing eval answer or type is stored as ""; the readers
   # reject an empty one, so "" is never a real one. An eval item's safe flag is stored as
   # "true" / "false" / "".
+  if isinstance(record, Example) and record.kind not in formats.UPSTREAM_KINDS:
+    raise DataError(f"an Example of kind {record.kind!r} cannot be stored in the upstream "
+                    f"format, which holds the kinds {formats.UPSTREAM_KINDS}")
+  stored = _fields(fmt)
   return {k: "" if v is None else ("true" if v else "false") if isinstance(v, bool) else v
-          for k, v in dataclasses.asdict(record).items()}
+          for k, v in dataclasses.asdict(record).items() if k in stored}
 
 
 def to_record(fmt: str, item: Mapping[str, str]) -> Record:
@@ -148,7 +160,7 @@ class DertaData(tfds.core.GeneratorBasedBuilder):
     index = 0
     for path in paths:
       for record in load(path):
-        yield index, _to_feature_dict(record)
+        yield index, _to_feature_dict(self.builder_config.name, record)
         index += 1
     if not index:
       # TFDS would fail later with "No examples were yielded", naming neither split nor files.
@@ -204,7 +216,7 @@ def _decoder(fmt: str) -> Callable[[Mapping[str, Any]], dict[str, str]]:
   def decode(item):
     out = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in item.items()}
     if fmt == "upstream":
-      out["kind"] = KINDS[int(out["kind"])]
+      out["kind"] = formats.UPSTREAM_KINDS[int(out["kind"])]
     return out
 
   return decode

@@ -231,8 +231,9 @@ class Llama(nnx.Module):
                             config)
 
   def hidden_states(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None,
-                    lora_keys_B=None):
-    """Final-norm hidden states [B, T, D] in the compute dtype.
+                    lora_keys_B=None, *, layer_outputs: bool = False):
+    """Final-norm hidden states [B, T, D] in the compute dtype; with `layer_outputs`, also
+    every block's output (the residual stream after block l at [l]) as [L, B, T, D].
 
     `lora_keys_B`: PRNG keys, one per row, that switch LoRA dropout on (training only).
     """
@@ -268,16 +269,22 @@ class Llama(nnx.Module):
 
     def block(x_BxTxD, xs):
       state, keys_i = (xs[0], (lora_keys_B, xs[1])) if dropout else (xs, ())
-      return layer(x_BxTxD, state, cos_BxTxH, sin_BxTxH, visible, *keys_i), None
+      x_BxTxD = layer(x_BxTxD, state, cos_BxTxH, sin_BxTxH, visible, *keys_i)
+      return x_BxTxD, x_BxTxD if layer_outputs else None
 
     if cfg.remat != "none":
       block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     xs = (layer_state, jnp.arange(cfg.n_layers)) if dropout else layer_state
     if cfg.scan_layers:
-      x_BxTxD, _ = jax.lax.scan(block, x_BxTxD, xs)
+      x_BxTxD, outputs = jax.lax.scan(block, x_BxTxD, xs)
     else:
+      outputs = []
       for i in range(cfg.n_layers):
-        x_BxTxD, _ = block(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], xs))
+        x_BxTxD, out = block(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], xs))
+        outputs.append(out)
+      outputs = jnp.stack(outputs) if layer_outputs else None
+    if layer_outputs:
+      return self.final_norm(x_BxTxD), outputs
     return self.final_norm(x_BxTxD)
 
   def _rope(self, positions_BxT):

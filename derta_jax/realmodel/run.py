@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from derta_jax import config_build, data
 from derta_jax.checkpoints import hf
-from derta_jax.data import recipes, templates
+from derta_jax.data import templates
 from derta_jax.evaluation import evaluate
 from derta_jax.evaluation import settings as eval_settings
 from derta_jax.realmodel import inputs, report
@@ -36,7 +36,8 @@ from derta_jax.toyworld import run as toy_run
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COUNTS = ("n_train_harmful", "n_helpful", "n_benign_eval", "n_completion", "n_codeattack",
-           "n_over_refusal_per_type", "steps", "global_batch", "seq_len", "distill_tokens")
+           "n_over_refusal_per_type", "steps", "global_batch", "seq_len", "distill_tokens",
+           "cb_lora_rank")
 
 
 def default_gguf() -> str:
@@ -52,13 +53,14 @@ def check_config(config) -> tuple[list[str], str]:
   """(recipe names, GGUF path); one ValueError names every bad realmodel.<key>."""
   r = config.realmodel
   names, problems = toy_run.section_problems(config, "realmodel", _COUNTS)
-  if not r.lr > 0:
-    problems.append(f"realmodel.lr={r.lr!r} must be > 0")
+  for key in ("lr", "cb_lr"):
+    if not r[key] > 0:
+      problems.append(f"realmodel.{key}={r[key]!r} must be > 0")
   if not r.upstream_dir:
     problems.append("realmodel.upstream_dir is '': give a clone of RobustNLP/DeRTa")
   if config.lora.rank:
-    problems.append(f"lora.rank={config.lora.rank}: the experiment fine-tunes every weight; "
-                    "set lora.rank=0")
+    problems.append(f"lora.rank={config.lora.rank}: the experiment fine-tunes every weight "
+                    "(circuit breakers: realmodel.cb_lora_rank); set lora.rank=0")
   try:
     settings = eval_settings.from_config(config)
     if 0 not in settings.prefill_ks:
@@ -83,21 +85,19 @@ def recipe_config(config, files: inputs.Files, name: str, gguf: str,
   """Fine-tuning from the GGUF base: the helpful data plus the recipe's safety parts, split
   from realmodel.n_train_harmful in the paper's proportions (of 6,000)."""
   r = config.realmodel
-  parts = dict(recipes.RECIPES[name])
-  counts = {p: round(parts.get(p, 0) * r.n_train_harmful / 6000)
-            for p in ("rto", "prefix", "vanilla")}
+  counts = toy_run.part_counts(name, r.n_train_harmful)
   # A recipe without RTO does not depend on the keep-rate: leaving it at its default keeps a
   # keep-rate change from making that recipe another experiment (and retraining it).
-  keep = config.loss.rto_keep_rate if counts["rto"] else 1.0
+  keep = config.loss.rto_keep_rate if counts["data.n_rto"] else 1.0
   return toy_run.derived(config, **{
       "loss.rto_keep_rate": keep,
-      "data.source": "recipe", "data.recipe": name, "data.n_rto": counts["rto"],
-      "data.n_prefix": counts["prefix"], "data.n_vanilla": counts["vanilla"],
+      "data.source": "recipe", "data.recipe": name, **counts,
       "data.helpful_path": str(files.helpful), "data.triples_path": str(files.triples),
       "data.tokenizer_path": gguf, "data.template": templates.CHAT, "init.hf_path": gguf,
       "init.orbax_path": "", "model.preset": "", "loss.refusal_ids": tuple(refusal),
       "train.num_steps": r.steps, "train.global_batch": r.global_batch,
-      "train.seq_len": r.seq_len, "optim.lr": r.lr})
+      "train.seq_len": r.seq_len, "optim.lr": r.lr,
+      **toy_run.rival_overrides(config, name, "realmodel")})
 
 
 def evaluate_model(model, tokenizer, files: inputs.Files, config, workdir: Path,

@@ -55,8 +55,9 @@ def check_config(config) -> list[str]:
   """The recipe names; one ValueError names every bad toyworld.<key> and eval.<key>."""
   w = config.toyworld
   names, problems = section_problems(config, "toyworld", (
-      "base_steps", "steps", "n_safety", "global_batch", "seq_len", "eval_benign"))
-  for key in ("base_lr", "lr"):
+      "base_steps", "steps", "n_safety", "global_batch", "seq_len", "eval_benign",
+      "cb_lora_rank"))
+  for key in ("base_lr", "lr", "cb_lr"):
     if not w[key] > 0:
       problems.append(f"toyworld.{key}={w[key]!r} must be > 0")
   if not 0.0 <= w.wrapped_helpful <= 1.0:
@@ -69,8 +70,8 @@ def check_config(config) -> list[str]:
   except ValueError as err:
     problems.append(str(err))
   if config.lora.rank:
-    problems.append(f"lora.rank={config.lora.rank}: the toy world fine-tunes every weight; "
-                    "set lora.rank=0")
+    problems.append(f"lora.rank={config.lora.rank}: the toy world fine-tunes every weight "
+                    "(circuit breakers: toyworld.cb_lora_rank); set lora.rank=0")
   if problems:
     raise ValueError("; ".join(problems))
   return names
@@ -100,19 +101,33 @@ def base_config(config, files: world.Files):
       "train.seq_len": w.seq_len, "optim.lr": w.base_lr})
 
 
+def part_counts(name: str, n_safety: int) -> dict[str, int]:
+  """"data.n_<part>" of recipe `name` with n_safety questions where the paper has 6,000."""
+  parts = dict(recipes.RECIPES[name])
+  return {f"data.n_{p}": round(parts.get(p, 0) * n_safety / 6000) for p in recipes.PARTS}
+
+
+def rival_overrides(config, name: str, section: str) -> dict:
+  """What a recipe's training changes besides its data: circuit breakers train LoRA
+  adapters (<section>.cb_lora_rank) at <section>.cb_lr (their reference is the base with
+  the adapters off); the other recipes fine-tune every weight."""
+  if name != "circuit_breaker":
+    return {}
+  c = config[section]
+  return {"lora.rank": c.cb_lora_rank, "lora.alpha": float(c.cb_lora_rank), "optim.lr": c.cb_lr}
+
+
 def recipe_config(config, files: world.Files, name: str, base_hf: Path):
   """Fine-tuning from the base: the helpful data plus toyworld.n_safety safety examples,
   split into the recipe's parts in the paper's proportions (of 6,000)."""
   w = config.toyworld
-  parts = dict(recipes.RECIPES[name])
-  counts = {p: round(parts.get(p, 0) * w.n_safety / 6000) for p in ("rto", "prefix", "vanilla")}
   return derived(config, **{
-      "data.source": "recipe", "data.recipe": name, "data.n_rto": counts["rto"],
-      "data.n_prefix": counts["prefix"], "data.n_vanilla": counts["vanilla"],
+      "data.source": "recipe", "data.recipe": name, **part_counts(name, w.n_safety),
       "data.helpful_path": str(files.helpful), "data.triples_path": str(files.triples),
       "data.tokenizer_path": str(files.tokenizer), "init.hf_path": str(base_hf),
       "init.orbax_path": "", "train.num_steps": w.steps, "train.global_batch": w.global_batch,
-      "train.seq_len": w.seq_len, "optim.lr": w.lr})
+      "train.seq_len": w.seq_len, "optim.lr": w.lr,
+      **rival_overrides(config, name, "toyworld")})
 
 
 def check_not_stale(sub, workdir: Path) -> None:

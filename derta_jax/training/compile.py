@@ -27,6 +27,7 @@ import ml_collections
 
 from derta_jax import config_build, sharding
 from derta_jax.data import tokenize
+from derta_jax.losses import objectives
 from derta_jax.models import lora
 from derta_jax.training import step
 from derta_jax.training.hlo_cost import HloCost, hlo_cost
@@ -143,15 +144,21 @@ def compile_train_step(config: ml_collections.ConfigDict, devices):
   tx, schedule = config_build.optimizer(config, max(1, t.num_steps))
   graphdef, state, shardings = step.abstract_state(model_config, tx, mesh)
   base, base_shardings = step.abstract_base(model_config, mesh)
+  frozen, frozen_shardings = ({}, {}) if base is None else ({"base": base},
+                                                            {"base": base_shardings})
   loss_config = config_build.loss_config(
-      config, tuple(config.loss.refusal_ids) or _DEFAULT_REFUSAL_IDS)
+      config, tuple(config.loss.refusal_ids) or _DEFAULT_REFUSAL_IDS, max(1, t.num_steps))
+  if loss_config.objective in objectives.NEEDS_REFERENCE and base is None:
+    # The reference model: the initial weights, frozen in the compute dtype.
+    frozen["reference"], frozen_shardings["reference"] = step.abstract_reference(model_config,
+                                                                                mesh)
   train_step = step.make_train_step(graphdef, tx, schedule, loss_config,
                                     micro_batches=t.micro_batches)
   rows = sharding.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct((t.global_batch, t.seq_len), jnp.int32, sharding=rows)
            for k in tokenize.ARRAYS}
-  args = (state, batch) if base is None else (state, batch, base)
-  compiled = step.jit_train_step(train_step, shardings, mesh, base_shardings,
+  args = (state, batch, frozen) if frozen else (state, batch)
+  compiled = step.jit_train_step(train_step, shardings, mesh, frozen_shardings or None,
                                  t.tpu_compiler_options).lower(*args).compile()
   return compiled, model_config
 
@@ -170,7 +177,8 @@ def compile_report(config: ml_collections.ConfigDict, workdir: str | Path) -> di
   chip, devices = topology_devices(topology)
   devices_per_chip = len(devices) // len({tuple(d.coords) for d in devices})
   extra = dict(remat=config.model.remat, micro_batches=t.micro_batches,
-               mesh=config.mesh.to_dict(), lora_rank=config.lora.rank)
+               mesh=config.mesh.to_dict(), lora_rank=config.lora.rank,
+               objective=config_build.objective(config))
   start = time.perf_counter()
   try:
     compiled, model_config = compile_train_step(config, devices)

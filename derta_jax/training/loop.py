@@ -24,6 +24,7 @@ from flax import nnx
 from derta_jax import config_build, losses, resume, sharding
 from derta_jax.checkpoints import orbax
 from derta_jax.data import pipeline
+from derta_jax.losses import objectives
 from derta_jax.models import lora
 from derta_jax.training import export, guard, metrics, step
 
@@ -43,8 +44,21 @@ class Setup:
   saved_config: dict  # what every checkpoint stores: the config and the tokenizer record
   cuts: dict  # epoch 0's counts of examples cut to fit train.seq_len
   lora_model: Any = None  # with LoRA: the base plus fresh adapters
-  base: Any = None  # with LoRA: the frozen base weights the step reads, and their shardings
-  base_shardings: Any = None
+  # The frozen weights the step reads (step.make_train_step: "base", "reference",
+  # "weighting") and their shardings (None without a mesh).
+  frozen: dict = dataclasses.field(default_factory=dict)
+  frozen_shardings: dict | None = None
+
+  @property
+  def base(self):
+    """With LoRA: the frozen base weights."""
+    return self.frozen.get("base")
+
+  def add_frozen(self, name: str, placed) -> None:
+    weights, shardings = placed
+    self.frozen[name] = weights
+    if shardings is not None:
+      self.frozen_shardings = dict(self.frozen_shardings or {}, **{name: shardings})
 
 
 def check_truncation(config, pipe: pipeline.Pipeline) -> dict[str, int]:
@@ -113,30 +127,53 @@ def setup(config, workdir: Path) -> Setup:
     ckpt.close()
     raise
   tx, schedule = config_build.optimizer(config, num_steps)
-  run = Setup(mesh, pipe, num_steps, tx, schedule, config_build.loss_config(config, refusal),
-              ckpt, run_guard, dict(config.to_dict(), **{resume.TOKENIZER: record}), cuts)
+  loss_config = config_build.loss_config(config, refusal, num_steps)
+  run = Setup(mesh, pipe, num_steps, tx, schedule, loss_config, ckpt, run_guard,
+              dict(config.to_dict(), **{resume.TOKENIZER: record}), cuts)
   if config.lora.rank:  # the base is rebuilt on resume too: checkpoints hold adapters only
     run.lora_model = lora.attach(config_build.frozen_base_model(config, mesh),
                                  lora.from_config(config.lora), seed=config.seed, mesh=mesh)
-    run.base, run.base_shardings = step.frozen_base(run.lora_model, mesh)
+    run.add_frozen("base", step.frozen_base(run.lora_model, mesh))
+  if config.loss.wdoor_path:  # W-DOOR's weighting model, read like the reference
+    run.add_frozen("weighting", step.reference_weights(
+        config_build.weighting_model(config, mesh), mesh))
   return run
+
+
+def _initial_model(config, run: Setup):
+  """The model at the start of fine-tuning: the LoRA base plus fresh adapters, or init.hf_path,
+  or model.preset's random init, with init.orbax_path's params if set."""
+  if run.lora_model is not None:
+    return run.lora_model
+  model = config_build.build_model(config, run.mesh)
+  if config.init.orbax_path:
+    graphdef, params = nnx.split(model, nnx.Param)
+    model = nnx.merge(graphdef, orbax.load_params(config.init.orbax_path, params))
+  return model
+
+
+def _needs_reference(config, run: Setup) -> bool:
+  return run.loss_config.objective in objectives.NEEDS_REFERENCE and run.base is None
 
 
 def restore_or_init(config, run: Setup):
   """(graphdef, state, state shardings, first step): the latest checkpoint, else init.hf_path,
-  init.orbax_path or a random init."""
+  init.orbax_path or a random init. An objective that reads a reference model without LoRA
+  gets the initial params as run.frozen["reference"], rebuilt the same way on resume."""
   ckpt, mesh = run.ckpt, run.mesh
   if ckpt.latest_step() is not None:
+    if _needs_reference(config, run):
+      run.add_frozen("reference", step.reference_weights(_initial_model(config, run), mesh))
     model_config = (run.lora_model.config if run.base is not None
                     else config_build.resolved_model_config(config))
     graphdef, abstract, shardings = step.abstract_state(model_config, run.tx, mesh)
     state, start = ckpt.restore(abstract)
     logging.info("resumed from step %d in %s", start, ckpt.directory)
     return graphdef, state, shardings, start
-  model = run.lora_model or config_build.build_model(config, mesh)
+  model = _initial_model(config, run)
+  if _needs_reference(config, run):  # a copy: the state's params are donated to the step
+    run.add_frozen("reference", step.reference_weights(model, mesh))
   graphdef, state, shardings = step.init_state(model, run.tx, mesh)
-  if config.init.orbax_path and run.base is None:
-    state["params"] = orbax.load_params(config.init.orbax_path, state["params"])
   return graphdef, state, shardings, 0
 
 
@@ -188,7 +225,7 @@ class MetricsReader:
 def train_steps(config, run: Setup, step_fn, check_fn, state, start: int,
                 reader: MetricsReader):
   """Steps start..num_steps (or until a stop signal); (state, the last metrics read)."""
-  frozen = () if run.base is None else (run.base,)
+  frozen = (run.frozen,) if run.frozen else ()
   pending, last, ahead = None, {}, None
   for i in range(start, run.num_steps):
     local = run.pipe.batch(i) if ahead is None else ahead  # the check's batch is this one
@@ -222,7 +259,7 @@ def _step_fns(config, r: Setup, graphdef, shardings):
                               micro_batches=t.micro_batches),
          step.make_check_step(graphdef, r.schedule, r.loss_config,
                               micro_batches=t.micro_batches))
-  return tuple(step.jit_train_step(fn, shardings, r.mesh, r.base_shardings,
+  return tuple(step.jit_train_step(fn, shardings, r.mesh, r.frozen_shardings,
                                    t.tpu_compiler_options, check=check)
                for fn, check in zip(fns, (False, True), strict=True))
 

@@ -31,13 +31,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from derta_jax.losses import chunked
+
 BATCH_KEYS = ("targets", "mle_mask", "rto_mask")
 NORMALIZE = ("tokens", "terms")
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """What `derta_loss_from_hidden` and the train step's RTO keep mask need besides arrays."""
+  """What the train step's objective needs besides arrays: DeRTa's `derta_loss_from_hidden`
+  and RTO keep mask, or a rival's settings (`objectives.rival_loss`; configs/base.py's
+  loss section describes each)."""
 
   refusal_ids: tuple[int, ...]
   rto_weight: float = 1.0
@@ -46,6 +50,18 @@ class LossConfig:
   chunk_size: int = 512
   rto_keep_rate: float = 1.0
   seed: int = 0
+  objective: str = "derta"
+  dpo_beta: float = 0.1
+  dpo_sft_weight: float = 0.0
+  qi_betas: tuple[float, ...] = (0.5, 2.0, 2.0, 2.0, 2.0)
+  qi_beta_rest: float = 0.1
+  npo_beta: float = 0.5
+  door_alpha: float = 0.2
+  wdoor_tau: float = 0.0  # > 0: W-DOOR's token weights from a weighting model
+  cb_alpha: float = 10.0
+  cb_reroute_layers: tuple[int, ...] = ()
+  cb_retain_layers: tuple[int, ...] = ()
+  total_steps: int = 1  # of the run: circuit breakers' coefficient schedule
 
 
 def refusal_tuple(refusal_ids: int | Iterable[int], vocab_size: int | None = None):
@@ -223,19 +239,8 @@ def derta_loss(*, logits_BxTxV, batch, refusal_ids, rto_weight=1.0, normalize="t
 
 
 # ----------------------------------------------------------------------------------------
-# Chunked loss. The forward pass scans over sequence chunks and keeps only two numbers per
-# position (logsumexp over the vocabulary and over the refusal set). The backward pass
-# scans over vocabulary chunks: each recomputes its columns of the logits for every
-# position, applies the closed-form gradient, writes its own columns of d_unembed once
-# (no [D, V] accumulator, so no [D, V] temporary) and adds into d_hidden. A chunk count
-# that does not divide the axis is handled by clamping the last chunk's start, so nothing
-# is padded or copied; the overlap is masked where it would count twice.
-
-
-def _chunk_starts(n: int, chunk: int):
-  """(clamped start, nominal start) of every chunk of `chunk` along an axis of size n."""
-  nominal = np.arange(-(-n // chunk)) * chunk
-  return jnp.asarray(np.minimum(nominal, n - chunk)), jnp.asarray(nominal)
+# Chunked loss (see derta_jax/losses/chunked.py). The forward pass keeps two numbers per
+# position: logsumexp over the vocabulary and over the refusal set.
 
 
 def _chunked_forward(ids, chunk, hidden_BxTxD, unembed_DxV, targets_BxT, weights, masks):
@@ -262,7 +267,7 @@ def _chunked_forward(ids, chunk, hidden_BxTxD, unembed_DxV, targets_BxT, weights
   zero = jnp.zeros((), jnp.float32)
   totals = (zero, dict(mle_nll=zero, rto_nll=zero, z=zero, mle_correct=zero, p_refusal=zero))
   empty_BxT = jnp.zeros((b, t), jnp.float32)
-  return jax.lax.scan(body, (totals, empty_BxT, empty_BxT), _chunk_starts(t, chunk))[0]
+  return jax.lax.scan(body, (totals, empty_BxT, empty_BxT), chunked.chunk_starts(t, chunk))[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -288,36 +293,10 @@ def _chunked_bwd(ids, chunk, vocab_chunk, residuals, cotangents):
   g = cotangents[0]
   w_mle, w_rto, w_z = (g * w for w in weights)
   scale_BxT = w_mle + w_rto + 2.0 * w_z * lse_BxT
-  columns_C = jnp.arange(vocab_chunk)
-
-  def body(carry, starts):
-    d_hidden_BxTxD, d_unembed_DxV = carry
-    start, nominal = starts
-    u_DxC = jax.lax.dynamic_slice_in_dim(unembed_DxV, start, vocab_chunk, axis=1)
-    logits_BxTxC = jnp.einsum("btd,dc->btc", hidden_BxTxD, u_DxC,
-                              preferred_element_type=jnp.float32)
-    vocab_C = start + columns_C
-    refusal_C = functools.reduce(jnp.logical_or, [vocab_C == r for r in ids])
-    d_BxTxC = jnp.exp(logits_BxTxC - lse_BxT[..., None]) * scale_BxT[..., None]
-    d_BxTxC -= jnp.where(vocab_C == targets_BxT[..., None], w_mle[..., None], 0.0)
-    d_BxTxC -= jnp.where(refusal_C, w_rto[..., None]
-                         * jnp.exp(logits_BxTxC - lse_ref_BxT[..., None]), 0.0)
-    d_BxTxC = d_BxTxC.astype(unembed_DxV.dtype)
-    # Every column's gradient is complete within its chunk, so the overlap of a clamped
-    # last chunk rewrites equal values; d_hidden must count each column once.
-    d_unembed_DxC = jnp.einsum("btd,btc->dc", hidden_BxTxD, d_BxTxC,
-                               preferred_element_type=jnp.float32)
-    d_unembed_DxV = jax.lax.dynamic_update_slice_in_dim(
-        d_unembed_DxV, d_unembed_DxC.astype(unembed_DxV.dtype), start, axis=1)
-    fresh_DxC = jnp.where(vocab_C >= nominal, u_DxC, 0)
-    d_hidden_BxTxD += jnp.einsum("btc,dc->btd", d_BxTxC, fresh_DxC,
-                                 preferred_element_type=jnp.float32)
-    return (d_hidden_BxTxD, d_unembed_DxV), None
-
-  init = (jnp.zeros(hidden_BxTxD.shape, jnp.float32), jnp.zeros_like(unembed_DxV))
-  d_hidden_BxTxD, d_unembed_DxV = jax.lax.scan(
-      body, init, _chunk_starts(unembed_DxV.shape[1], vocab_chunk))[0]
-  return (d_hidden_BxTxD.astype(hidden_BxTxD.dtype), d_unembed_DxV, None, None, None)
+  d_hidden_BxTxD, d_unembed_DxV = chunked.vocab_backward(
+      ids, vocab_chunk, hidden_BxTxD, unembed_DxV, targets_BxT, w_mle, w_rto, scale_BxT,
+      lse_BxT, lse_ref_BxT)
+  return (d_hidden_BxTxD, d_unembed_DxV, None, None, None)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
@@ -334,10 +313,7 @@ def derta_loss_from_hidden(*, hidden_BxTxD, unembed_DxV, batch, refusal_ids, rto
   batch = check_batch(batch)
   _, t, _ = hidden_BxTxD.shape
   v = unembed_DxV.shape[-1]
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-  chunk = min(chunk_size, t)
-  vocab_chunk = min(v, max(1, -(-chunk * v // t)))
+  chunk, vocab_chunk = chunked.chunk_sizes(t, v, chunk_size)
   ids = refusal_tuple(refusal_ids, v)
   weights = loss_weights(batch=batch, rto_weight=rto_weight, normalize=normalize,
                          z_loss=z_loss, counts=counts)
