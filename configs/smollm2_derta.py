@@ -6,7 +6,8 @@
 
 Splits the authors' 264 harmful pairs into training and held-out questions, has the model
 answer benign instructions once (its own answers are the helpful data), fine-tunes
-realmodel.recipes from the same GGUF weights with the same data, steps and lr, evaluates the
+realmodel.recipes (DeRTa, its baselines, and its rivals DPO, Qi et al., DOOR and circuit
+breakers) from the same GGUF weights with the same data, steps and lr, evaluates the
 base and every recipe on held-out data only (prefilling attack at k = 0, 5, 10, 20, 40,
 completion attack, CodeAttack, over-refusal, benign helpfulness, refusal position and
 fluency, refusal probe; harm judge and strict) and writes <workdir>/report.md, report.json
@@ -36,7 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.ckpt.every_steps = 1000
   config.ckpt.max_to_keep = 1
   r = config.realmodel
-  r.recipes = "vanilla,recaug,derta"
+  # DeRTa, its baselines and its rivals (each with its own objective; README, "DeRTa's
+  # rivals"). Circuit breakers train rank-16 LoRA adapters at realmodel.cb_lr = 1e-4, the
+  # circuit-breaker authors' lr.
+  r.recipes = "vanilla,recaug,derta,dpo,qi,door,circuit_breaker"
   r.steps = 30
   r.lr = 5e-5
   r.global_batch = 8

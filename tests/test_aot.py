@@ -240,3 +240,21 @@ def test_out_of_memory_message_size():
              "temporaries (274.43G) exceeds available HBM (95.74G).")
   assert aot._oom_bytes(message) == int(274.43 * 2**30)
   assert aot._oom_bytes("RESOURCE_EXHAUSTED: something else") is None
+
+
+def test_a_rival_compiles_with_its_frozen_reference_as_an_argument():
+  """objective=dpo adds the reference weights (compute dtype, sharded like the params) to
+  the step's arguments; nothing of them is donated or returned."""
+  sizes = {}
+  for objective in ("derta", "dpo"):
+    config = toy_cpu.get_config()
+    config.loss.refusal_ids = (5,)
+    config.loss.objective = objective
+    compiled, model_config = aot.compile_train_step(config, jax.devices()[:1])
+    memory = compiled.memory_analysis()
+    sizes[objective] = (memory.argument_size_in_bytes, memory.output_size_in_bytes)
+  # float32 compute on the CPU config; the DeRTa step also drops the batch arrays it does
+  # not read (1% here).
+  reference_bytes = 4 * model_config.num_params()
+  assert sizes["dpo"][0] - sizes["derta"][0] == pytest.approx(reference_bytes, rel=0.02)
+  assert abs(sizes["dpo"][1] - sizes["derta"][1]) < 256  # the state, and scalar metrics

@@ -9,7 +9,7 @@ import pytest
 from conftest import llama3_tokenizer_path
 
 from derta_jax import data, losses
-from derta_jax.data import pipeline, sampler, tokenize
+from derta_jax.data import packing, pipeline, sampler, tokenize
 from derta_jax.data.records import DataError, Example, Helpful, Triple
 
 WORDS = ("the plan needs a rope , a map and 3 friends ; then wait until night . "
@@ -212,7 +212,7 @@ def test_encode_packs_segments_with_exact_masks(llama3):
               Example("[INST] b [\\INST]", " do this<|end_of_text|>", "rto"),
               Example("[INST] c [\\INST]", " Sorry<|end_of_text|>", "mle", " step one")]
   out = data.encode(examples, llama3, seq_len=64, refusal_ids=19701)
-  assert set(out) == set(tokenize.ARRAYS) and out["input_ids"].shape == (1, 64)
+  assert set(out) == set(packing.ARRAYS) and out["input_ids"].shape == (1, 64)
   seg, pos = out["segment_ids"][0], out["positions"][0]
   assert list(np.unique(seg)) == [0, 1, 2, 3]
   for s, example in zip((1, 2, 3), examples, strict=True):
@@ -238,16 +238,16 @@ def test_encode_packs_segments_with_exact_masks(llama3):
 def test_truncation_cuts_harmful_prefix_then_response_never_all_of_it(llama3):
   ex = Example("[INST] question here [\\INST]", " " + " ".join(["word"] * 30),
                "mle", " harmful " * 20)
-  parts = tokenize.tokenize_examples([ex], llama3)[0]
+  parts = packing.tokenize_examples([ex], llama3)[0]
   n_prompt, n_harm, n_resp, n_rejected = map(len, parts)
   assert n_rejected == 0
-  stats = tokenize.EncodeStats()
-  fitted = tokenize.fit_example(parts, 1 + n_prompt + n_resp + 5, stats)
+  stats = packing.EncodeStats()
+  fitted = packing.fit_example(parts, 1 + n_prompt + n_resp + 5, stats)
   assert list(map(len, fitted)) == [n_prompt, 5, n_resp, 0]
   assert stats.harmful_prefix_shortened == 1
-  fitted = tokenize.fit_example(parts, 1 + n_prompt + 3, stats)
+  fitted = packing.fit_example(parts, 1 + n_prompt + 3, stats)
   assert list(map(len, fitted)) == [n_prompt, 0, 3, 0] and stats.response_truncated == 1
-  fitted = tokenize.fit_example(parts, 4, stats)
+  fitted = packing.fit_example(parts, 4, stats)
   assert list(map(len, fitted)) == [2, 0, 1, 0] and stats.prompt_truncated == 1
   out = data.encode([ex] * 3, llama3, seq_len=1 + n_prompt + 3)
   assert out.stats.harmful_prefix_shortened == 3 and out.stats.response_truncated == 3
@@ -289,7 +289,7 @@ def test_encode_matches_the_authors_preprocessing(tmp_path, llama3):
 
 def test_batches_are_identical_across_processes_of_python(llama3):
   code = ("import hashlib, sys; sys.path.insert(0, 'tests'); import test_data as t; "
-          "from derta_jax.data import tokenize; "
+          "from derta_jax.data import packing, tokenize; "
           "p = t._pipeline(tokenize.load_tokenizer(t._llama3_tokenizer_path())); "
           "b = p.batch(5); print(hashlib.sha256(b''.join(b[k].tobytes() for k in sorted(b)))"
           ".hexdigest())")

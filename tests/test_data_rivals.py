@@ -10,7 +10,7 @@ from conftest import llama3_tokenizer_path
 from test_data import _helpful, _triples
 
 from derta_jax import data
-from derta_jax.data import pipeline, sampler, tokenize
+from derta_jax.data import packing, pipeline, sampler, tokenize
 from derta_jax.data.records import DataError, Example
 
 OLD_ARRAYS = ("input_ids", "targets", "mle_mask", "rto_mask", "segment_ids", "positions")
@@ -73,7 +73,7 @@ def _mixed():
 def test_every_kind_gets_its_masks_targets_and_response_index(llama3):
   examples = _mixed()
   out = data.encode(examples, llama3, seq_len=80, refusal_ids=SORRY)
-  assert tuple(out) == tokenize.ARRAYS and out["input_ids"].shape == (1, 80)
+  assert tuple(out) == packing.ARRAYS and out["input_ids"].shape == (1, 80)
   assert all(v.dtype == np.int32 for v in out.values())
   _check_row(out, 0, examples, llama3)
   # The pair is segments 2 (chosen) and 3 (rejected); pair_ids names the chosen one.
@@ -93,8 +93,8 @@ def test_pairs_stay_whole_in_packed_rows(llama3):
   triples = _triples(120, seed=3)
   examples = data.build_recipe("dpo", triples=triples, helpful=_helpful(40),
                                counts={"pair": 120})
-  lengths = [tokenize.unit_length(p) for p in tokenize.tokenize_examples(examples, llama3)]
-  rows = tokenize.pack_rows(lengths, 192)
+  lengths = [packing.unit_length(p) for p in packing.tokenize_examples(examples, llama3)]
+  rows = packing.pack_rows(lengths, 192)
   out = data.encode(examples, llama3, seq_len=192)
   assert out.stats.cut == 0 and out.stats.rows == len(rows) > 10
   assert out.stats.tokens == sum(lengths) == int((out["segment_ids"] > 0).sum())
@@ -127,15 +127,15 @@ def test_pipeline_keeps_pairs_together(llama3):
                  for s, mask in ((p, "chosen_mask"), (p + 1, "harm_mask"))]
         assert len(heads[0]) > 3 and heads[0].tolist() == heads[1].tolist()
         assert batch["pair_ids"][r, segs == p + 1].max() == p
-  assert pipe.epoch(0).stats.tokens == sum(tokenize.unit_length(f) for f in pipe.epoch(0).fitted)
+  assert pipe.epoch(0).stats.tokens == sum(packing.unit_length(f) for f in pipe.epoch(0).fitted)
 
 
 def test_a_too_long_pair_is_cut_longer_tail_first_then_the_prompt_twice():
   prompt, chosen, rejected = list(range(10)), list(range(100, 108)), list(range(200, 220))
   parts = (prompt, [], chosen, rejected)
-  lengths = lambda seq_len: [len(p) for p in tokenize.cut_example(parts, seq_len)[0]]  # noqa: E731
-  flags = lambda seq_len: tokenize.cut_example(parts, seq_len)[1]  # noqa: E731
-  assert tokenize.unit_length(parts) == 50 and tokenize.cut_example(parts, 50) == (parts, 0)
+  lengths = lambda seq_len: [len(p) for p in packing.cut_example(parts, seq_len)[0]]  # noqa: E731
+  flags = lambda seq_len: packing.cut_example(parts, seq_len)[1]  # noqa: E731
+  assert packing.unit_length(parts) == 50 and packing.cut_example(parts, 50) == (parts, 0)
   assert lengths(40) == [10, 0, 8, 10] and flags(40) == 2  # the rejected tail only
   assert lengths(30) == [10, 0, 4, 4] and flags(30) == 2  # down to equal, then both
   assert lengths(29) == [10, 0, 4, 3]  # on a tie, the rejected one first
@@ -143,13 +143,13 @@ def test_a_too_long_pair_is_cut_longer_tail_first_then_the_prompt_twice():
   # Each prompt token cut saves two: 8 more to save takes 4, 9 takes 5.
   assert lengths(16) == [6, 0, 1, 1] and flags(16) == 6
   assert lengths(15) == [5, 0, 1, 1]
-  (p, _, c, r), _ = tokenize.cut_example(parts, 30)
+  (p, _, c, r), _ = packing.cut_example(parts, 30)
   assert (p, c, r) == (prompt, chosen[:4], rejected[:4])  # tails cut, prompt head cut
-  assert tokenize.cut_example(parts, 16)[0][0] == prompt[4:]
+  assert packing.cut_example(parts, 16)[0][0] == prompt[4:]
   for seq_len in range(6, 51):
-    assert tokenize.unit_length(tokenize.cut_example(parts, seq_len)[0]) <= seq_len
+    assert packing.unit_length(packing.cut_example(parts, seq_len)[0]) <= seq_len
   with pytest.raises(ValueError, match="seq_len=5"):
-    tokenize.cut_example(parts, 5)
+    packing.cut_example(parts, 5)
 
 
 def test_cut_pairs_are_counted_and_fit_one_row(llama3):
@@ -177,7 +177,7 @@ def test_example_kinds_are_checked():
       return [[1] if t.strip() else [] for t in texts]
 
   with pytest.raises(DataError, match="rejected response ' ' encodes to no tokens"):
-    tokenize.tokenize_examples([Example("p", "r", "pair", rejected=" ")], Blank())
+    packing.tokenize_examples([Example("p", "r", "pair", rejected=" ")], Blank())
 
 
 @pytest.mark.parametrize("name", ["derta", "vanilla"])

@@ -10,7 +10,7 @@ import pytest
 from conftest import set_config
 
 from configs import base
-from derta_jax import config_build, main
+from derta_jax import data_build, main
 from derta_jax.data import formats, pipeline, synthetic
 from derta_jax.data import tfds as tfds_derta
 from derta_jax.data.records import DataError, EvalItem, Example
@@ -175,7 +175,7 @@ def test_training_from_tfds_reads_the_jsonl_batches(tmp_path):
                          data__tfds_dir=str(tmp_path / "tfds"), **common)
   pipes = []
   for config in (from_jsonl, from_tfds):
-    tokenizer, recipe, refusal = config_build.training_data(config, tmp_path)
+    tokenizer, recipe, refusal = data_build.training_data(config, tmp_path)
     pipes.append(pipeline.Pipeline(recipe, tokenizer, seq_len=64, global_batch=8, seed=0,
                                    refusal_ids=refusal))
   assert pipes[0].steps_in_epoch(0) == pipes[1].steps_in_epoch(0) > 2
@@ -190,7 +190,7 @@ def test_training_from_tfds_reads_the_jsonl_batches(tmp_path):
 def test_tfds_source_errors_name_the_keys(tmp_path):
   config = set_config(base.get_config(), data__source="tfds")
   with pytest.raises(ValueError, match="data.tfds_dir"):
-    config_build.training_data(config, tmp_path)
+    data_build.training_data(config, tmp_path)
   config = set_config(config, data__tfds_dir=str(tmp_path))
   with pytest.raises(ValueError, match=r"data.tfds_dir=.*No prepared dataset"):
-    config_build.training_data(config, tmp_path)
+    data_build.training_data(config, tmp_path)

@@ -9,7 +9,7 @@ import pytest
 from gguf_files import write_tiny_gguf
 
 from configs import smollm2_derta
-from derta_jax import config_build
+from derta_jax import data_build
 from derta_jax import main as derta_main
 from derta_jax.data import build_recipe, formats, load_tokenizer, templates
 from derta_jax.data.records import DataError, Helpful, Triple
@@ -178,4 +178,4 @@ def test_default_model_is_the_installed_smollm2_file():
   path = realmodel_run.default_gguf()
   assert path.endswith(realmodel_run.SMOLLM2_FILE)
   tok = load_tokenizer(path)
-  assert tok.encode("Sorry") == list(config_build.refusal_ids(smollm2_derta.get_config(), tok))
+  assert tok.encode("Sorry") == list(data_build.refusal_ids(smollm2_derta.get_config(), tok))

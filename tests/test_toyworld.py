@@ -143,5 +143,5 @@ def test_a_run_trained_with_other_settings_is_not_reused(tmp_path, files):
     ckpt.save(1, dict(step=np.int32(1)), config=sub.to_dict(), force=True)
   toyworld_run.check_not_stale(sub, tmp_path)  # stored tuples come back as lists
   config.toyworld.base_lr = 1e-3
-  with pytest.raises(ValueError, match=r"other settings; \(stored, now\) differ in \['optim'\]"):
+  with pytest.raises(ValueError, match=r"other settings; \(stored, now\) differ in \['optim.lr'\]"):
     toyworld_run.check_not_stale(toyworld_run.base_config(config, files), tmp_path)

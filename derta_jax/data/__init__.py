@@ -11,12 +11,13 @@ from derta_jax.data.formats import (
            write_triples,
            write_upstream,
 )
+from derta_jax.data.packing import encode
 from derta_jax.data.pipeline import Pipeline
 from derta_jax.data.recipes import RECIPES, build_recipe
 from derta_jax.data.records import DataError, EvalItem, Example, Helpful, Triple
 from derta_jax.data.sampler import sample_prefix_lengths
 from derta_jax.data.templates import apply_template
-from derta_jax.data.tokenize import encode, load_tokenizer, refusal_ids
+from derta_jax.data.tokenize import load_tokenizer, refusal_ids
 
 __all__ = ["RECIPES", "DataError", "EvalItem", "Example", "Helpful", "Pipeline", "Triple",
            "apply_template", "build_recipe", "encode", "load_eval", "load_helpful",

@@ -16,17 +16,17 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from derta_jax.data import tokenize
+from derta_jax.data import packing, tokenize
 from derta_jax.data.records import Example
 
 
 @dataclasses.dataclass
 class _Epoch:
   fitted: list
-  flags: np.ndarray  # per example: bits of the tokenize.CUTS made to fit seq_len
+  flags: np.ndarray  # per example: bits of the packing.CUTS made to fit seq_len
   kinds: list[str]
   rows: list[list[int]]
-  stats: tokenize.EncodeStats
+  stats: packing.EncodeStats
 
 
 class Pipeline:
@@ -48,7 +48,7 @@ class Pipeline:
     self._examples = examples if callable(examples) else (lambda epoch: examples)
     self.tokenizer = tokenizer
     self.seq_len, self.global_batch, self.seed = seq_len, global_batch, seed
-    self.refusal_id = tokenize.first_refusal_id(refusal_ids)
+    self.refusal_id = packing.first_refusal_id(refusal_ids)
     self.pack, self.window = pack, window
     self.process_index, self.process_count = process_index, process_count
     self._cache: dict[str, list[int]] = {}
@@ -65,14 +65,14 @@ class Pipeline:
         raise ValueError(f"epoch {epoch} has no examples")
       order = np.random.default_rng([self.seed, epoch]).permutation(len(examples))
       examples = [examples[i] for i in order]
-      stats = tokenize.EncodeStats(examples=len(examples))
-      fitted, flags = zip(*(tokenize.cut_example(p, self.seq_len) for p in
-                            tokenize.tokenize_examples(examples, self.tokenizer, self._cache)),
+      stats = packing.EncodeStats(examples=len(examples))
+      fitted, flags = zip(*(packing.cut_example(p, self.seq_len) for p in
+                            packing.tokenize_examples(examples, self.tokenizer, self._cache)),
                           strict=True)
       for f in flags:
         stats.add(f)
-      lengths = [tokenize.unit_length(f) for f in fitted]
-      rows = (tokenize.pack_rows(lengths, self.seq_len, window=self.window) if self.pack
+      lengths = [packing.unit_length(f) for f in fitted]
+      rows = (packing.pack_rows(lengths, self.seq_len, window=self.window) if self.pack
               else [[i] for i in range(len(examples))])
       if len(rows) < self.global_batch:
         raise ValueError(f"epoch {epoch} packs into {len(rows)} rows, fewer than "
@@ -102,7 +102,7 @@ class Pipeline:
     epoch, index = self.locate(step)
     data = self.epoch(epoch)
     first = index * self.global_batch
-    return tokenize.build_rows(data.fitted, data.kinds, data.rows[first + lo:first + hi],
+    return packing.build_rows(data.fitted, data.kinds, data.rows[first + lo:first + hi],
                                seq_len=self.seq_len, bos_id=self.tokenizer.bos_id,
                                pad_id=self.tokenizer.pad_id, refusal_id=self.refusal_id)
 
@@ -113,7 +113,7 @@ class Pipeline:
     rows = data.rows[index * self.global_batch:(index + 1) * self.global_batch]
     flags = data.flags[[i for row in rows for i in row]]
     return {f"cut_{name.split('_')[0]}": int((flags >> i & 1).sum())
-            for i, name in enumerate(tokenize.CUTS)}
+            for i, name in enumerate(packing.CUTS)}
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's [global_batch / process_count, seq_len] rows of global step `step`."""

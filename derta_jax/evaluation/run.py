@@ -18,7 +18,7 @@ from pathlib import Path
 import ml_collections
 from etils import epath
 
-from derta_jax import config_build, data, resume
+from derta_jax import config_build, data, data_build, resume
 from derta_jax.evaluation import evaluate, settings
 
 # What a train checkpoint's stored config decides for its evaluation.
@@ -86,7 +86,7 @@ def as_trained(config, stored: dict):
 
 def _tokenizer(config, workdir: Path, kind: str, stored: dict | None):
   """(tokenizer, path) of the model to evaluate, checked against the checkpoint's record."""
-  tok_path = config_build.tokenizer_path(config, workdir, model_from_hf=kind == "hf")
+  tok_path = data_build.tokenizer_path(config, workdir, model_from_hf=kind == "hf")
   try:
     tokenizer = data.load_tokenizer(tok_path)
   except data.DataError as e:
@@ -108,9 +108,9 @@ def run(config, workdir: Path) -> dict:
   checked, paths = check_config(config, workdir)
   loaded = evaluate.load_suites(paths, limit=checked.limit)
   tokenizer, tok_path = _tokenizer(config, workdir, kind, stored)
-  config_build.check_vocab(tokenizer, config_build.resolved_model_config(config).vocab_size,
+  data_build.check_vocab(tokenizer, config_build.resolved_model_config(config).vocab_size,
                            tok_path)
-  refusal = config_build.refusal_ids(config, tokenizer)
+  refusal = data_build.refusal_ids(config, tokenizer)
   mesh = config_build.mesh(config)
   model = (config_build.checkpoint_model(config, path, mesh) if kind == "orbax"
            else config_build.build_model(config, mesh))

@@ -1,6 +1,6 @@
 """The DeRTa objective: MLE on responses plus Reinforced Transition Optimization (RTO).
 
-Batch contract (the [B, T] arrays of `derta_jax.data.tokenize.ARRAYS`; others are ignored):
+Batch contract (the [B, T] arrays of `derta_jax.data.packing.ARRAYS`; others are ignored):
   targets   int   the logits at position t predict targets[:, t]
   mle_mask  0/1   position t is an MLE target (helpful, safe or prefix-MLE response)
   rto_mask  0/1   position t is an RTO position: the target is the refusal token(s),

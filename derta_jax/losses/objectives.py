@@ -4,7 +4,7 @@ The train step computes what an objective needs from the model (per-position log
 the policy, of the reference model, per-layer hidden states) and calls `rival_loss`; DeRTa
 itself keeps its fused chunked loss (`derta_loss_from_hidden`).
 
-Batch arrays (derta_jax.data.tokenize.ARRAYS) and what each objective trains on them:
+Batch arrays (derta_jax.data.packing.ARRAYS) and what each objective trains on them:
   mle_mask      helpful and safety responses (MLE)         derta, dpo (SFT), qi (constrained)
   safety_mask   the safety part of mle_mask                door: refusal term vs utility term
   rto_mask      RTO positions                              derta

@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from derta_jax import config_build, data
+from derta_jax import data, data_build
 from derta_jax.checkpoints import hf
 from derta_jax.data import templates
 from derta_jax.evaluation import evaluate
@@ -181,7 +181,7 @@ def run(config, workdir: Path) -> dict:
   files = inputs.write_inputs(r, config.seed, workdir / "data")
   tokenizer = data.load_tokenizer(gguf)
   template = templates.resolve(templates.CHAT, tokenizer)
-  refusal = config_build.refusal_ids(config, tokenizer)
+  refusal = data_build.refusal_ids(config, tokenizer)
   base = _load(gguf, config)
   _say(f"{gguf}: distilling the base's answers to {r.n_helpful} helpful questions")
   distilled = inputs.distill(

@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from derta_jax import config_build, data
+from derta_jax import config_build, data, data_build
 from derta_jax.checkpoints import hf
 from derta_jax.data import recipes
 from derta_jax.evaluation import evaluate
@@ -194,7 +194,7 @@ def run(config, workdir: Path) -> dict:
                             heldout_per_verb=w.heldout_per_verb,
                             wrapped_helpful=w.wrapped_helpful, eval_benign=w.eval_benign)
   tokenizer = data.load_tokenizer(files.tokenizer)
-  refusal = config_build.refusal_ids(config, tokenizer)
+  refusal = data_build.refusal_ids(config, tokenizer)
   common = dict(tokenizer=tokenizer, files=files, refusal=refusal)
   base_dir = workdir / "base"
   base = trained_and_evaluated(config, base_config(config, files), base_dir, **common)

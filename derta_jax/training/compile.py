@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from derta_jax import config_build, sharding
-from derta_jax.data import tokenize
+from derta_jax.data import packing
 from derta_jax.losses import objectives
 from derta_jax.models import lora
 from derta_jax.training import step
@@ -156,7 +156,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices):
                                     micro_batches=t.micro_batches)
   rows = sharding.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct((t.global_batch, t.seq_len), jnp.int32, sharding=rows)
-           for k in tokenize.ARRAYS}
+           for k in packing.ARRAYS}
   args = (state, batch, frozen) if frozen else (state, batch)
   compiled = step.jit_train_step(train_step, shardings, mesh, frozen_shardings or None,
                                  t.tpu_compiler_options).lower(*args).compile()

@@ -21,7 +21,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from derta_jax import config_build, losses, resume, sharding
+from derta_jax import config_build, data_build, losses, resume, sharding
 from derta_jax.checkpoints import orbax
 from derta_jax.data import pipeline
 from derta_jax.losses import objectives
@@ -93,8 +93,8 @@ def _data(config, workdir: Path, stored: dict | None, vocab_size: int):
   """(pipeline, refusal ids, tokenizer record) of the config's data, checked against a
   resumed run's."""
   t = config.train
-  tokenizer, recipe, refusal = config_build.training_data(config, workdir)
-  config_build.check_vocab(tokenizer, vocab_size, tokenizer.path)
+  tokenizer, recipe, refusal = data_build.training_data(config, workdir)
+  data_build.check_vocab(tokenizer, vocab_size, tokenizer.path)
   if stored is not None:
     resume.check_tokenizer(stored, tokenizer, tokenizer.path, where=f"resuming {workdir}")
   pipe = pipeline.Pipeline(recipe, tokenizer, seq_len=t.seq_len, global_batch=t.global_batch,
