@@ -156,7 +156,7 @@ def test_2x2x2_mesh_equals_one_device(objective):
   assert one[-1] != one[0]  # it trains
 
 
-@pytest.mark.parametrize("objective", ["dpo", "door"])
+@pytest.mark.parametrize("objective", ["door"])  # sequence counts: the hardest normaliser
 def test_micro_batches_equal_the_full_batch(objective):
   full, params_full = _run(objective, steps=1)
   accum, params_accum = _run(objective, steps=1, micro_batches=4)

@@ -161,7 +161,9 @@ def write_report(workdir: Path, summary: dict, evals: Mapping, tokenizer, config
       f"{summary['refusal_ids']}, seed {config.seed}. Held out: "
       f"{first['n_heldout_harmful']} harmful pairs, {first['n_benign']} benign instructions. "
       f"Judge `{config.eval.judge}` (below: strict), greedy decoding, "
-      f"{config.eval.max_new_tokens} new tokens. Total {summary['seconds']:.0f} s.", "",
+      f"{config.eval.max_new_tokens} new tokens. Total {summary['seconds']:.0f} s."
+      + (f" Circuit breakers: rank-{r.cb_lora_rank} LoRA at lr {r.cb_lr}."
+         if "circuit_breaker" in summary["train"] else ""), "",
       text, "", "Under the strict keyword judge:", "", table(models, strict=True), "",
       "Training: " + ", ".join(f"{k} {v['steps']} steps in {v['seconds']:.0f} s (final loss "
                                f"{v['loss']:.3f})" if v.get("loss") is not None else
