@@ -122,18 +122,17 @@ def _rival_loss(model, graphdef, params, batch, loss_config, *, counts, frozen, 
         hidden_BxTxD=hidden_BxTxD, unembed_DxV=m.unembed_DxV().astype(m.config.compute_dtype),
         targets_BxT=batch["targets"], chunk_size=loss_config.chunk_size)
 
+  ref_logp_BxT = jax.lax.stop_gradient(logprobs(ref_model, ref_out))
   weights_BxT = None
   if "weighting" in frozen:  # W-DOOR: token weights from a weighting (DPO-trained) model
     weighting = _frozen_model(graphdef, params, frozen, "weighting")
     weighting_logp_BxT = jax.lax.stop_gradient(
         logprobs(weighting, weighting.hidden_states(*args)))
-    ref_logp_BxT = jax.lax.stop_gradient(logprobs(ref_model, ref_out))
     weights_BxT = losses.wdoor_weights(weighting_logp_BxT=weighting_logp_BxT,
                                        ref_logp_BxT=ref_logp_BxT, tau=loss_config.wdoor_tau)
   return objectives.rival_loss(
       loss_config, batch=batch, counts=counts, logp_BxT=logprobs(model, out),
-      ref_logp_BxT=jax.lax.stop_gradient(logprobs(ref_model, ref_out)),
-      token_weights_BxT=weights_BxT, step=step)
+      ref_logp_BxT=ref_logp_BxT, token_weights_BxT=weights_BxT, step=step)
 
 
 def loss_fn(graphdef, params, batch, loss_config: losses.LossConfig, *, counts, frozen=None,
