@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from derta_jax.losses import chunked
+from derta_jax.losses import chunked, rivals
 
 BATCH_KEYS = ("targets", "mle_mask", "rto_mask")
 NORMALIZE = ("tokens", "terms")
@@ -53,8 +53,8 @@ class LossConfig:
   objective: str = "derta"
   dpo_beta: float = 0.1
   dpo_sft_weight: float = 0.0
-  qi_betas: tuple[float, ...] = (0.5, 2.0, 2.0, 2.0, 2.0)
-  qi_beta_rest: float = 0.1
+  qi_betas: tuple[float, ...] = rivals.QI_FIRST_BETAS
+  qi_beta_rest: float = rivals.QI_REST_BETA
   npo_beta: float = 0.5
   door_alpha: float = 0.2
   wdoor_tau: float = 0.0  # > 0: W-DOOR's token weights from a weighting model
