@@ -3,9 +3,11 @@ resume through run.py exactly like one process on 8 devices."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +45,15 @@ def _finish(procs: dict[Path, subprocess.Popen]) -> None:
     codes = [p.wait(timeout=TIMEOUT_S) for p in procs.values()]
   except subprocess.TimeoutExpired:
     codes = None
+    for p in procs.values():  # workers dump every thread's stack (multihost_worker.py)
+      if p.poll() is None:
+        p.send_signal(signal.SIGUSR1)
+    time.sleep(2)
   finally:
     for p in procs.values():
       p.kill()
   if codes is None or any(codes):
-    logs = "\n".join(f"--- {log} (exit {p.returncode}):\n{log.read_text()[-3000:]}"
+    logs = "\n".join(f"--- {log} (exit {p.returncode}):\n{log.read_text()[-8000:]}"
                      for log, p in procs.items())
     raise AssertionError(f"exit codes {codes} (None: timed out after {TIMEOUT_S} s)\n{logs}")
 

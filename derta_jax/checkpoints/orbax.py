@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
+from absl import flags, logging
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
@@ -34,6 +34,17 @@ from derta_jax.checkpoints import finite
 
 STATE, CONFIG = "state", "config"
 _METADATA_FILE = "_METADATA"  # Orbax writes it into every finished pytree item directory
+_BARRIER_FLAG = "experimental_orbax_use_distributed_barrier"
+
+
+def _coordination_service_barriers() -> None:
+  """Orbax's barriers wait on JAX's coordination service (with a timeout) instead of a psum
+  over every device. Orbax warns that its psum barrier must not run concurrently with other
+  collectives: with saves overlapping the train step's collectives it can interleave
+  differently on two hosts and hang both."""
+  if not flags.FLAGS.is_parsed():  # run.py parses them; a library caller may not have
+    flags.FLAGS.mark_as_parsed()
+  flags.FLAGS[_BARRIER_FLAG].value = True
 
 
 class Checkpointer:
@@ -48,6 +59,8 @@ class Checkpointer:
                        "None (keep all)")
     self.directory = _absolute(workdir) / "checkpoints"
     self.every_steps = every_steps
+    if jax.process_count() > 1:
+      _coordination_service_barriers()
     options = ocp.CheckpointManagerOptions(
         # No InitialSavePolicy: the first save follows the interval like every other.
         save_decision_policy=policies.AnySavePolicy([
