@@ -70,7 +70,8 @@ def test_checkpoint_that_is_not_the_preset(hf_checkpoint, tmp_path):
 @pytest.mark.parametrize("flag, message", [
     ("--config.modle.preset=tiny", "modle"),
     ("--config.mode=serve",
-     "config.mode='serve'; choose one of ('train', 'export', 'compile', 'eval', 'toyworld', 'realmodel')"),
+     "config.mode='serve'; choose one of ('train', 'export', 'compile', 'eval', 'toyworld', "
+     "'realmodel')"),
     ("--config.model.preset=llama9", "unknown model preset 'llama9'"),
 ])
 def test_bad_config_values_fail_clearly(tmp_path, flag, message):

@@ -39,10 +39,11 @@ def _start(args, *, devices: int, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
-def _finish(procs: dict[Path, subprocess.Popen]) -> None:
+def _finish(procs: dict[Path, subprocess.Popen], timeout_s: float = TIMEOUT_S) -> None:
   """Waits for all; on a failure or timeout kills the rest and shows every log's tail."""
+  deadline = time.monotonic() + timeout_s
   try:
-    codes = [p.wait(timeout=TIMEOUT_S) for p in procs.values()]
+    codes = [p.wait(timeout=max(deadline - time.monotonic(), 0)) for p in procs.values()]
   except subprocess.TimeoutExpired:
     codes = None
     for p in procs.values():  # workers dump every thread's stack (multihost_worker.py)
@@ -55,14 +56,15 @@ def _finish(procs: dict[Path, subprocess.Popen]) -> None:
   if codes is None or any(codes):
     logs = "\n".join(f"--- {log} (exit {p.returncode}):\n{log.read_text()[-8000:]}"
                      for log, p in procs.items())
-    raise AssertionError(f"exit codes {codes} (None: timed out after {TIMEOUT_S} s)\n{logs}")
+    raise AssertionError(f"exit codes {codes} (None: timed out after {timeout_s} s)\n{logs}")
 
 
-def _run_workers(tmp_path: Path, name: str, flags, num_processes: int = 2) -> None:
+def _run_workers(tmp_path: Path, name: str, flags, num_processes: int = 2,
+                 timeout_s: float = TIMEOUT_S) -> None:
   address = f"127.0.0.1:{_free_port()}"
   logs = [tmp_path / f"{name}.{i}.log" for i in range(num_processes)]
   _finish({log: _start([ROOT / "tests" / "multihost_worker.py", address, num_processes, i,
-                        *flags], devices=4, log=log) for i, log in enumerate(logs)})
+                        *flags], devices=4, log=log) for i, log in enumerate(logs)}, timeout_s)
 
 
 def _metrics(workdir: Path) -> dict[int, dict]:
@@ -74,6 +76,16 @@ def _metrics(workdir: Path) -> dict[int, dict]:
 
 def _checkpoints(workdir: Path) -> list[int]:
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
+
+
+def test_checkpoint_barriers_do_not_race_the_step_collectives(tmp_path):
+  """An async save's thread meets the other hosts at Orbax barriers while the main thread
+  runs steps with cross-process collectives. Orbax's default barrier is itself a collective
+  (a psum over every device): the two hosts can order it and a step differently and then
+  wait on each other forever (CI once hung so after a save). A Checkpointer in a
+  multi-process run puts the barriers on JAX's coordination service; with the default this
+  test hangs (seen each of the 4 times tried here)."""
+  _run_workers(tmp_path, "race", ("--barrier-race", tmp_path / "ckpt"), timeout_s=120)
 
 
 def test_two_processes_train_and_resume_like_one(tmp_path):
